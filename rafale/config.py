@@ -1,0 +1,326 @@
+"""The run file: YAML read safely, validated by pydantic, one model per section.
+
+Every default lives here. Unknown keys are errors, and every error names the run file and the dotted key
+(`run.yaml: model.n_layers: must be > 0`). Paths in the run file are resolved relative to the run file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rafale.errors import RafaleError
+
+# A Composer time string: an integer and a unit (batches, epochs, tokens, samples, durations).
+TIME_PATTERN = re.compile(r"^\d+(ba|ep|tok|sp|dur)$")
+SYNTHETIC_PREFIX = "synthetic:"
+
+SCHEDULES = ("cosine-warmup", "linear-warmup", "constant-warmup", "warmup-stable-decay")
+PIPELINES = ("causal_lm",)
+# The original's pipeline names, kept so its run files still work.
+PIPELINE_ALIASES = {"tinystories_neox": "causal_lm"}
+OPTIMIZERS = ("adamw",)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(RafaleError):
+    """A run file that does not load or does not validate."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _time_string(value: Union[str, int], key: str) -> str:
+    """Accept `500` (batches) or a Composer time string such as `"500ba"`, `"2ep"`, `"1000000tok"`."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a time such as '100ba', '1ep' or '100000tok', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return f"{value}ba"
+    text = str(value).strip()
+    if not TIME_PATTERN.match(text) or int(re.match(r"\d+", text).group()) <= 0:
+        raise ValueError(f"expected a positive time such as '100ba', '1ep' or '100000tok', got {value!r}")
+    return text
+
+
+class RunConfig(Section):
+    """`run:` how to train: duration, optimiser, schedule, clipping, batches, precision, checkpoints."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 42
+    n_epochs: PositiveInt = 1
+    # Overrides n_epochs when set: "2000ba", "5000000tok", "3ep".
+    max_duration: Optional[str] = None
+    max_lr: PositiveFloat = 6e-4
+    # Learning rate at the end of the decay, as a fraction of max_lr.
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    warmup_pct: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    # warmup-stable-decay only: the fraction of the run spent decaying at the end.
+    decay_pct: Annotated[float, Field(gt=0, le=1)] = 0.2
+    schedule: str = "cosine-warmup"
+    optimizer: str = "AdamW"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    eval_interval: str = "100ba"
+    save_interval: str = "500ba"
+    save_num_checkpoints_to_keep: int = Field(default=3, ge=-1)
+    clip_type: Literal["norm", "value", "none"] = "norm"
+    clip_value: PositiveFloat = 1.0
+    device_bs: Union[PositiveInt, Literal["auto"]] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
+    compile: bool = False
+    # Where checkpoints and the exported model go; default: <cache>/checkpoints/<name>.
+    checkpoint_dir: Optional[str] = None
+    # Steps that DEBUG=1 spends overfitting its single batch.
+    debug_steps: PositiveInt = 40
+    # Samples printed at the end of training.
+    sample_prompts: list[str] = Field(default_factory=lambda: ["Once upon a time"])
+    sample_max_new_tokens: Annotated[int, Field(ge=0)] = 48
+
+    @field_validator("max_duration", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return None if value is None else _time_string(value, "max_duration")
+
+    @field_validator("eval_interval", "save_interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        return _time_string(value, "interval")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        return _choice(value, SCHEDULES, "schedule")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        return _choice(value.lower(), OPTIMIZERS, "optimizer")
+
+
+class ModelConfig(Section):
+    """`model:` a preset, optionally changed key by key, and where pretrained weights come from."""
+
+    config: str = Field(min_length=1)
+    type: Literal["decoder"] = "decoder"
+    use_pretrained: bool = False
+    # A Hugging Face-format folder (or hub name) whose weights are loaded when use_pretrained is true.
+    pretrained_path: Optional[str] = None
+    # Overrides of the preset's architecture; None keeps the preset's value.
+    vocab_size: Optional[PositiveInt] = None
+    hidden_size: Optional[PositiveInt] = None
+    n_layers: Optional[PositiveInt] = None
+    n_heads: Optional[PositiveInt] = None
+    intermediate_size: Optional[PositiveInt] = None
+    max_position_embeddings: Optional[PositiveInt] = None
+    rotary_pct: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    rotary_emb_base: Optional[PositiveFloat] = None
+    parallel_residual: Optional[bool] = None
+    norm_eps: Optional[PositiveFloat] = None
+    dropout: Optional[Annotated[float, Field(ge=0, lt=1)]] = None
+
+    @model_validator(mode="after")
+    def _pretrained_needs_path(self) -> "ModelConfig":
+        if self.use_pretrained and not self.pretrained_path:
+            raise ValueError("use_pretrained is true but model.pretrained_path is not set")
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        """The architecture keys the run file sets, to apply on top of the preset."""
+        skip = {"config", "type", "use_pretrained", "pretrained_path"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+
+class DataSettings(Section):
+    """`data.config:` where the text comes from and how it becomes blocks of tokens."""
+
+    # Readable name of the prepared dataset (part of the cache folder's name).
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    # A text file, a folder or glob of .txt/.jsonl/.json/.parquet files, a save_to_disk folder, a hub
+    # dataset name, or "synthetic:stories" for rafale's bundled corpus.
+    dataset_path: str = Field(min_length=1)
+    text_column: str = "text"
+    # A tokenizer.json, a folder holding one, or a hub name; unset: train a byte-level BPE on the train split.
+    tokenizer_path: Optional[str] = None
+    # Readable name of the tokenizer (part of the cache folder's name).
+    tokenizer_name: Optional[str] = None
+    # Vocabulary size of a tokenizer trained on the fly.
+    vocab_size: Annotated[int, Field(ge=256)] = 4096
+    max_sequence_length: PositiveInt = 512
+    # The last partial block of each split: dropped, or kept and padded (padding never counts in the loss).
+    tail: Literal["drop", "pad"] = "drop"
+    num_processes: PositiveInt = 1
+    train_batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 16
+    # Shuffle the documents once before the validation split is carved and tokens are concatenated.
+    shuffle_dataset: bool = True
+    # Shuffle the training blocks every epoch.
+    shuffle_train: bool = True
+    # Used only when the source has no validation split of its own.
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    split_seed: int = 42
+    # Size of the synthetic corpus (dataset_path "synthetic:stories").
+    synthetic_documents: PositiveInt = 20000
+    synthetic_seed: int = 0
+    # Input id written into padded positions; unset (or the original's -100): the tokenizer's pad or EOS token.
+    pad_token_id: Optional[int] = None
+    # Pad every batch to max_sequence_length rather than to its longest row.
+    pad_inputs: bool = True
+    # The column that holds token ids in the prepared dataset.
+    input_id_key: str = "input_ids"
+    # The original's flag: dataset_path already holds a dataset that rafale prepared.
+    is_prepared: bool = False
+
+    @field_validator("pad_token_id")
+    @classmethod
+    def _pad_token(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value < 0:
+            return None
+        return value
+
+
+class DataConfig(Section):
+    """`data:` which pipeline prepares the data, and its settings."""
+
+    pipeline: str = "causal_lm"
+    config: DataSettings
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline(cls, value: str) -> str:
+        return _choice(PIPELINE_ALIASES.get(value, value), PIPELINES, "pipeline")
+
+
+class LoggingConfig(Section):
+    """`logging:` where metrics go besides the console."""
+
+    # Console progress every this many batches.
+    log_interval: str = "10ba"
+    use_file: bool = False
+    use_tensorboard: bool = False
+    use_wandb: bool = False
+    use_mlflow: bool = False
+    log_dir: str = "run_logs"
+
+    @field_validator("log_interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        return _time_string(value, "log_interval")
+
+
+class RunFile(Section):
+    """A whole run file."""
+
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    # Where the run file lives; relative paths in it were resolved against this folder.
+    source: Optional[Path] = Field(default=None, exclude=True)
+
+
+def _choice(value: str, valid: tuple[str, ...], what: str) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def _looks_like_hub_name(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
+
+
+def _resolve_path(text: Optional[str], base: Path, key: str, file: Path, hub_ok: bool) -> Optional[str]:
+    """Make a run-file path absolute against the run file's folder; check that it exists.
+
+    A name that does not exist locally but has the form `org/name` is kept as a hub name where hub_ok.
+    """
+    if text is None or text.startswith(SYNTHETIC_PREFIX):
+        return text
+    expanded = Path(os.path.expanduser(text))
+    candidate = expanded if expanded.is_absolute() else base / expanded
+    if candidate.exists() or glob.has_magic(str(candidate)) and glob.glob(str(candidate)):
+        return str(candidate.resolve()) if candidate.exists() else str(candidate)
+    if hub_ok and not expanded.is_absolute() and _looks_like_hub_name(text):
+        return text
+    raise ConfigError(f"{file}: {key}: no such file or folder: {candidate}")
+
+
+def _format_error(file: Path, error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{file}: {key}: unknown key" + _suggestion(error["loc"])
+    if kind == "missing":
+        return f"{file}: {key}: required key is missing"
+    message = error["msg"]
+    message = re.sub(r"^(Value error|Assertion failed), ", "", message)
+    message = re.sub(r"^Input should be greater than (\S+)", r"must be > \1", message)
+    message = re.sub(r"^Input should be greater than or equal to (\S+)", r"must be >= \1", message)
+    message = re.sub(r"^Input should be less than (\S+)", r"must be < \1", message)
+    message = re.sub(r"^Input should be less than or equal to (\S+)", r"must be <= \1", message)
+    if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], (dict, list)):
+        message += f" (got {error['input']!r})"
+    return f"{file}: {key}: {message}"
+
+
+def _suggestion(loc: tuple) -> str:
+    """`; did you mean 'max_lr'?` for a misspelt key, found among the keys valid at that place."""
+    section: Any = RunFile
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part)) if isinstance(section, type) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        section = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(section.model_fields)}"
+
+
+def load_run_file(path: Union[str, Path]) -> RunFile:
+    """Read, validate and resolve a run file; raise ConfigError with a one-line message on any mistake."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: run file not found")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{file}: not valid YAML: {where}{problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not a text file (not UTF-8)") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping with sections run, model and data, got {type(raw).__name__}")
+    try:
+        config = RunFile.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_error(file, error.errors()[0])) from None
+
+    base = file.resolve().parent
+    settings = config.data.config
+    settings.dataset_path = _resolve_path(settings.dataset_path, base, "data.config.dataset_path", file, True)
+    settings.tokenizer_path = _resolve_path(settings.tokenizer_path, base, "data.config.tokenizer_path", file, True)
+    config.model.pretrained_path = _resolve_path(config.model.pretrained_path, base, "model.pretrained_path", file, True)
+    if config.run.checkpoint_dir is not None:
+        config.run.checkpoint_dir = str((base / os.path.expanduser(config.run.checkpoint_dir)).resolve())
+    config.logging.log_dir = str((base / os.path.expanduser(config.logging.log_dir)).resolve())
+    config.source = file.resolve()
+    return config
+
+
+def cache_root() -> Path:
+    """`~/.rafale_cache`, or `$RAFALE_CACHE_DIR`: data/, tokenizers/ and checkpoints/ live below it."""
+    return Path(os.environ.get("RAFALE_CACHE_DIR") or Path.home() / ".rafale_cache").expanduser()
