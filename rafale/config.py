@@ -40,7 +40,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _time_string(value: Union[str, int], key: str) -> str:
+def _time_string(value: Union[str, int]) -> str:
     """Accept `500` (batches) or a Composer time string such as `"500ba"`, `"2ep"`, `"1000000tok"`."""
     if isinstance(value, bool):
         raise ValueError(f"expected a time such as '100ba', '1ep' or '100000tok', got {value!r}")
@@ -93,12 +93,12 @@ class RunConfig(Section):
     @field_validator("max_duration", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
-        return None if value is None else _time_string(value, "max_duration")
+        return None if value is None else _time_string(value)
 
     @field_validator("eval_interval", "save_interval", mode="before")
     @classmethod
     def _interval(cls, value: Any) -> Any:
-        return _time_string(value, "interval")
+        return _time_string(value)
 
     @field_validator("schedule")
     @classmethod
@@ -218,7 +218,7 @@ class LoggingConfig(Section):
     @field_validator("log_interval", mode="before")
     @classmethod
     def _interval(cls, value: Any) -> Any:
-        return _time_string(value, "log_interval")
+        return _time_string(value)
 
 
 class RunFile(Section):
@@ -258,6 +258,21 @@ def _resolve_path(text: Optional[str], base: Path, key: str, file: Path, hub_ok:
     raise ConfigError(f"{file}: {key}: no such file or folder: {candidate}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error rather than silently the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _format_error(file: Path, error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
@@ -294,7 +309,7 @@ def load_run_file(path: Union[str, Path]) -> RunFile:
     if not file.is_file():
         raise ConfigError(f"{file}: run file not found")
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+        raw = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

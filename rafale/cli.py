@@ -1,0 +1,124 @@
+"""The command line: `rafale -c run.yaml` trains; `DATA=1` stops after the datapipe; `DEBUG=1` overfits one batch.
+
+Heavy libraries (torch, Composer, datasets) are imported inside the commands, so `rafale --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rafale.errors import RafaleError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="rafale: train small transformer language models from one YAML run file.\n\n"
+    "`rafale -c RUN.yaml` prepares the data (cached) and trains. Set DATA=1 to stop after the data pipeline, "
+    "DEBUG=1 to overfit a single batch and check that the model learns.",
+)
+
+RunFileOption = typer.Option(None, "--config", "-c", help="The YAML run file.", show_default=False)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@app.callback(invoke_without_command=True)
+def main(ctx: typer.Context, config: Optional[Path] = RunFileOption) -> None:
+    if ctx.invoked_subcommand is not None:
+        if config is not None:
+            raise typer.BadParameter("give -c after the command, e.g. `rafale train -c run.yaml`")
+        return
+    if config is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+    if _env_flag("DATA"):
+        data(config)
+    elif _env_flag("DEBUG"):
+        debug(config)
+    else:
+        train(config)
+
+
+@app.command()
+def train(config: Path = typer.Option(..., "--config", "-c", help="The YAML run file.")) -> None:
+    """Prepare the data (or reuse its cache), train, export the model and print samples."""
+    from rafale.config import load_run_file
+    from rafale.train import train_run
+
+    train_run(load_run_file(config))
+
+
+@app.command()
+def data(config: Path = typer.Option(..., "--config", "-c", help="The YAML run file.")) -> None:
+    """Run only the data pipeline and print a summary (same as DATA=1)."""
+    from rafale.config import load_run_file
+    from rafale.data import format_summary, prepare_data
+
+    typer.echo(format_summary(prepare_data(load_run_file(config))))
+
+
+@app.command()
+def debug(config: Path = typer.Option(..., "--config", "-c", help="The YAML run file.")) -> None:
+    """Overfit one batch (same batch for eval) and say whether the loss fell to 10% of its start (same as DEBUG=1)."""
+    from rafale.config import load_run_file
+    from rafale.train import debug_run
+
+    if not debug_run(load_run_file(config)):
+        raise typer.Exit(1)
+
+
+@app.command()
+def generate(
+    path: Path = typer.Argument(..., help="A Hugging Face-format folder with tokenizer.json, or a rafale run's folder."),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A prompt; repeat for a batch."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy decoding."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt and line."),
+) -> None:
+    """Generate text from a trained model, with the KV cache."""
+    import json
+
+    from rafale.models.generate import generate_from_folder
+
+    results = generate_from_folder(
+        path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
+    for result in results:
+        if as_json:
+            typer.echo(json.dumps(result, ensure_ascii=False))
+        else:
+            typer.echo(f"{result['prompt']}{result['text']}\n")
+
+
+def run() -> None:
+    """Console entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except RafaleError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as error:  # click's usage errors carry their own exit code and message
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        raise

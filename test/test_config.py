@@ -1,0 +1,102 @@
+"""The run file: valid files load with defaults and resolved paths; every mistake is one line naming file and key."""
+
+from pathlib import Path
+
+import pytest
+
+from rafale.config import ConfigError, load_run_file
+
+VALID = """\
+run:
+  name: "tiny"
+  max_lr: 6e-04
+  eval_interval: 50
+model:
+  config: "pythia-tiny"
+data:
+  pipeline: "tinystories_neox"
+  config:
+    name: "stories"
+    dataset_path: "corpus.txt"
+    pad_token_id: -100
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "corpus.txt").write_text("Once upon a time.\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as raised:
+        load_run_file(write(tmp_path, text))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(str(tmp_path / "run.yaml"))
+    return message
+
+
+def test_valid_file_loads_with_defaults_and_resolved_paths(tmp_path):
+    config = load_run_file(write(tmp_path, VALID))
+    assert config.run.max_lr == pytest.approx(6e-4)  # YAML reads 6e-04 as a string; pydantic makes it a number
+    assert config.run.eval_interval == "50ba"
+    assert config.run.schedule == "cosine-warmup"
+    assert config.data.pipeline == "causal_lm"  # the original's pipeline name is an alias
+    assert config.data.config.pad_token_id is None  # the original's -100 means "the tokenizer's pad token"
+    assert Path(config.data.config.dataset_path) == (tmp_path / "corpus.txt").resolve()
+    assert config.model.overrides() == {}
+
+
+def test_paths_resolve_relative_to_the_run_file_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    config = load_run_file(write(tmp_path, VALID))
+    assert Path(config.data.config.dataset_path).parent == tmp_path.resolve()
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ('  max_lr: 6e-04', '  max_lr: -1', "run.max_lr: must be > 0"),
+        ('  config: "pythia-tiny"', '  config: "pythia-tiny"\n  n_layers: 0', "model.n_layers: must be > 0"),
+        ('  max_lr: 6e-04', '  max_lr: 6e-04\n  max_lrr: 1', "run.max_lrr: unknown key; did you mean 'max_lr'?"),
+        ('  max_lr: 6e-04', '  max_lr: "fast"', "run.max_lr: Input should be a valid number"),
+        ('  max_lr: 6e-04', '  schedule: "cosine"', "run.schedule: unknown schedule 'cosine'; valid: cosine-warmup"),
+        ('  max_lr: 6e-04', '  optimizer: "SGD"', "run.optimizer: unknown optimizer 'sgd'; valid: adamw"),
+        ('  eval_interval: 50', '  eval_interval: "soon"', "run.eval_interval: expected a positive time"),
+        ('  eval_interval: 50', '  eval_interval: 50\n  seed: 1\n  seed: 2', "line 6, column 3: key 'seed' appears twice"),
+        ('pipeline: "tinystories_neox"', 'pipeline: "mlm"', "data.pipeline: unknown pipeline 'mlm'; valid: causal_lm"),
+        ('"corpus.txt"', '"missing.txt"', "data.config.dataset_path: no such file or folder:"),
+        ('  config: "pythia-tiny"', '  config: "pythia-tiny"\n  use_pretrained: true', "pretrained_path is not set"),
+    ],
+)
+def test_mistakes_name_the_key(tmp_path, old, new, expected):
+    assert old in VALID
+    assert expected in error_of(tmp_path, VALID.replace(old, new))
+
+
+def test_missing_section(tmp_path):
+    text = VALID[: VALID.index("model:")] + VALID[VALID.index("data:") :]
+    assert error_of(tmp_path, text).endswith("model: required key is missing")
+
+
+def test_not_yaml_gives_the_line(tmp_path):
+    message = error_of(tmp_path, "run:\n  name: [unclosed\nmodel: {}\n")
+    assert "not valid YAML: line" in message
+
+
+def test_not_a_mapping(tmp_path):
+    assert "expected a mapping" in error_of(tmp_path, "- a\n- b\n")
+
+
+def test_missing_run_file(tmp_path):
+    with pytest.raises(ConfigError, match="run file not found"):
+        load_run_file(tmp_path / "nope.yaml")
+
+
+def test_bundled_run_files_load():
+    root = Path(__file__).parent
+    for name in ("pythia_tinystories.yaml", "pythia_tinystories_hub.yaml"):
+        config = load_run_file(root / name)
+        assert config.run.name
