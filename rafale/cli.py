@@ -89,7 +89,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy decoding."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0),
+    top_p: Optional[float] = typer.Option(None, "--top-p", max=1.0),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt and line."),
 ) -> None:

@@ -1,0 +1,159 @@
+"""Building blocks shared by every decoder family: norms, rotary embeddings, attention, MLPs, the KV cache.
+
+Each block reads only the few config switches it needs, so a family is a choice of switches, not new code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too much precision.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else RMSNorm(dim, eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `rotary_pct` of each head's dimensions (GPT-NeoX rotates a quarter).
+
+    The frequencies are recomputed on each call (a handful of tiny ops, once per forward, shared by all
+    layers) rather than kept in a buffer: a buffer would be cast along with the model to bf16, and rotary
+    angles at long positions need fp32. Frequency scaling (Llama 3) would change `inverse_frequencies` only.
+    """
+
+    def __init__(self, head_dim: int, rotary_pct: float, base: float):
+        super().__init__()
+        self.dim = int(head_dim * rotary_pct)
+        self.base = base
+
+    def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim
+        return 1.0 / (self.base**exponents)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> (cos, sin), each [B, 1, T, dim], broadcast over heads."""
+        angles = position_ids[..., None].float() * self.inverse_frequencies(position_ids.device)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x [B, H, T, D] in halves (the GPT-NeoX/Llama layout); pass the rest."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    first, second = rot.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    rot = (rot.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat((rot, rest), dim=-1)
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated for the whole generation and written in place.
+
+    `length` is how many positions are filled; the decoder reads it to know where new tokens go.
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append keys/values [B, H, T, D]; return everything cached so far."""
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, asked to write up to {end}")
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with one fused QKV projection and grouped-query heads.
+
+    The fused projection's output rows are [all query heads | all key heads | all value heads]; families whose
+    checkpoints lay QKV out differently (GPT-NeoX interleaves per head) reorder rows in their weight map.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.dropout = config.dropout
+        qkv_size = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
+        self.proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, rotary=None, mask=None, is_causal=False, cache: KVCache | None = None):
+        """x [B, T, C]; rotary (cos, sin) or None; mask [B, 1, T, S] bool (True = attend) or None."""
+        B, T, _ = x.shape
+        sizes = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
+        q, k, v = self.qkv(x).split(sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if self.n_kv_heads != self.n_heads:
+            # Each key/value head serves a contiguous group of query heads.
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """The feed-forward block: `gelu` (GPT-NeoX: up, GELU, down) or `swiglu` (Llama: down(silu(gate) * up))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.mlp
+        if self.kind == "swiglu":
+            self.gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """One transformer layer, pre-norm; parallel (GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)) or sequential."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.parallel = config.parallel_residual
+        self.norm1 = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary=None, mask=None, is_causal=False, cache: KVCache | None = None):
+        attn = self.drop(self.attn(self.norm1(x), rotary, mask, is_causal, cache))
+        if self.parallel:
+            return x + attn + self.drop(self.mlp(self.norm2(x)))
+        x = x + attn
+        return x + self.drop(self.mlp(self.norm2(x)))

@@ -1,0 +1,188 @@
+"""The decoder-only language model: one class that covers families through a few config switches (like litgpt).
+
+A family (pythia.py, ...) is presets plus a map to and from its Hugging Face checkpoints; the forward pass
+below is the same for all of them and reads top to bottom: embed, blocks, norm, head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from rafale.errors import RafaleError
+from rafale.models.blocks import Block, KVCache, Rotary, make_norm
+
+CHOICES = {"norm": ("layernorm", "rmsnorm"), "positions": ("rotary", "learned", "none"), "mlp": ("gelu", "swiglu")}
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    # None means one key/value head per query head (no grouped-query attention).
+    n_kv_heads: int | None = None
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    positions: str = "rotary"
+    rotary_pct: float = 1.0
+    rotary_emb_base: float = 10000.0
+    mlp: str = "gelu"
+    parallel_residual: bool = True
+    tie_embeddings: bool = False
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    family: str = "pythia"
+
+    def __post_init__(self):
+        for key in ("vocab_size", "hidden_size", "n_layers", "n_heads", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, key) <= 0:
+                raise RafaleError(f"model.{key}: must be > 0, got {getattr(self, key)}")
+        for key, valid in CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise RafaleError(f"model.{key}: {getattr(self, key)!r} is not one of {', '.join(valid)}")
+        if self.hidden_size % self.n_heads:
+            raise RafaleError(
+                f"model.hidden_size: {self.hidden_size} is not divisible by model.n_heads ({self.n_heads})"
+            )
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise RafaleError(f"model.n_heads: {self.n_heads} is not divisible by model.n_kv_heads ({self.kv_heads})")
+        if not 0 <= self.rotary_pct <= 1:
+            raise RafaleError(f"model.rotary_pct: must be between 0 and 1, got {self.rotary_pct}")
+        if self.positions == "rotary" and int(self.head_dim * self.rotary_pct) % 2:
+            raise RafaleError(
+                f"model.rotary_pct: {self.rotary_pct} of head size {self.head_dim} gives "
+                f"{int(self.head_dim * self.rotary_pct)} rotary dims; it must be even"
+            )
+        if not 0 <= self.dropout < 1:
+            raise RafaleError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def attention_mask_for(padding: torch.Tensor | None, past: int, T: int, device) -> torch.Tensor:
+    """The boolean mask [B or 1, 1, T, past+T] for T new queries after `past` cached positions.
+
+    A query sees keys at or before its own slot that are real tokens. Every query also sees itself, so that a
+    padding query (left padding) never has an empty row: an empty row gives NaN, and NaN in a padded
+    position's values would leak through the zero attention weights of later layers (0 * NaN = NaN).
+    """
+    query = torch.arange(past, past + T, device=device)[:, None]
+    key = torch.arange(past + T, device=device)[None, :]
+    allowed = key <= query
+    if padding is not None:
+        allowed = (allowed & padding[:, None, None, :].bool()) | (key == query)
+    return allowed if allowed.dim() == 4 else allowed[None, None]
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.positions == "learned":
+            self.pos_embed = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        rotary_dims = int(config.head_dim * config.rotary_pct)
+        self.rotary = (
+            Rotary(config.head_dim, config.rotary_pct, config.rotary_emb_base)
+            if config.positions == "rotary" and rotary_dims > 0
+            else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config.norm, config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self, module: nn.Module):
+        # GPT-NeoX / Hugging Face init: every matrix N(0, 0.02), biases zero, norms one. Module construction
+        # order is fixed, so the same torch seed gives the same model.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab].
+
+        attention_mask [B, past+T]: 1 = real token, 0 = padding, covering cached positions too.
+        Without position_ids, positions count real tokens only (as transformers' generate does), so a left-padded
+        row gives the same logits as the row alone.
+        """
+        B, T = input_ids.shape
+        past = kv_cache[0].length if kv_cache is not None else 0
+        # One check per forward: with no padding, SDPA's is_causal path is faster than an explicit mask.
+        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        if position_ids is None:
+            if padding is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+            else:
+                position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+        x = self.embed(input_ids)
+        if self.config.positions == "learned":
+            x = x + self.pos_embed(position_ids)
+        x = self.drop(x)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+
+        if padding is None and past == 0:
+            mask, is_causal = None, True
+        elif padding is None and T == 1:
+            # One new token after the cache: it sees every cached position, no mask needed.
+            mask, is_causal = None, False
+        else:
+            mask, is_causal = attention_mask_for(padding, past, T, input_ids.device), False
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, mask, is_causal, kv_cache[i] if kv_cache is not None else None)
+        return self.lm_head(self.norm(x))
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """An empty cache, one KVCache per layer, for generating up to max_len positions."""
+        weight = self.lm_head.weight
+        c = self.config
+        return [KVCache(batch_size, c.kv_heads, max_len, c.head_dim, weight.device, weight.dtype) for _ in self.blocks]
+
+    def num_parameters(self) -> int:
+        """Trainable parameters; tied embeddings count once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention (PaLM, appendix B).
+
+        Embedding lookups do no matmul, so the input tables are left out (the LM head is a real matmul and stays,
+        tied or not). The attention term 12 * layers * hidden * seq_len is the usual convention; it ignores the
+        causal mask, as published MFU numbers do.
+        """
+        matmul_params = self.num_parameters()
+        if not self.config.tie_embeddings:
+            matmul_params -= self.embed.weight.numel()
+        if self.config.positions == "learned":
+            matmul_params -= self.pos_embed.weight.numel()
+        c = self.config
+        return 6 * matmul_params + 12 * c.n_layers * c.hidden_size * seq_len

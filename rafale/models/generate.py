@@ -1,0 +1,168 @@
+"""Decoding: greedy or sampled (temperature, top-k, top-p), batched over left-padded prompts, with a KV cache.
+
+With the cache, the prompt is run once (prefill), then each step feeds one token per row and writes its keys
+and values in place; the per-step Python work is a forward call and a few tensor ops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rafale.errors import RafaleError
+from rafale.models.weights import CONFIG_FILE, TOKENIZER_FILE, load_pretrained
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
+
+
+def pick_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, vocab] -> next token ids [B]; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the more likely ones already reach top_p; the most likely token always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """New tokens [B, n <= max_new_tokens] after left-padded prompts input_ids [B, P].
+
+    A row that has emitted eos_token_id emits pad_token_id from then on; decoding stops when every row has.
+    """
+    B, P = input_ids.shape
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise RafaleError(
+            f"sampling: need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+        )
+    if model.config.positions == "learned" and P + max_new_tokens > model.config.max_position_embeddings:
+        raise RafaleError(
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings ({model.config.max_position_embeddings})"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    # The mask of every position the generation can reach, sliced per step instead of grown.
+    full_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.long)], 1)
+    positions = (full_mask[:, :P].cumsum(-1) - 1).clamp(min=0)
+    next_position = positions[:, -1:] + 1
+    cache = model.new_kv_cache(B, P + max_new_tokens) if use_cache else None
+    was_training = model.training
+    model.eval()
+
+    tokens = input_ids
+    logits = model(input_ids, full_mask[:, :P], positions, cache)[:, -1]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = pick_next(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(done, pad_token_id)
+            done |= token == eos_token_id
+        new_tokens.append(token)
+        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+            break
+        length = P + step + 1
+        if use_cache:
+            logits = model(token[:, None], full_mask[:, :length], next_position, cache)[:, -1]
+            next_position += 1
+        else:
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            logits = model(tokens, full_mask[:, :length])[:, -1]
+    model.train(was_training)
+    return torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(B, 0)
+
+
+def find_eos(tokenizer) -> int | None:
+    """The id of the first of <|endoftext|>, </s>, <eos> that the tokenizer knows, or None."""
+    for token in EOS_CANDIDATES:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> list[dict]:
+    """Continue each prompt (one batch, left-padded) and decode: [{"prompt", "text", "token_ids"}, ...].
+
+    text and token_ids are the new tokens only, up to (not including) the end-of-text token.
+    """
+    eos = eos_token_id if eos_token_id is not None else find_eos(tokenizer)
+    pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
+    rows = [encoding.ids for encoding in tokenizer.encode_batch(prompts)]
+    for i, row in enumerate(rows):
+        if not row:
+            # An empty prompt starts a new document, which is what the end-of-text token marks in training.
+            if eos is None:
+                raise RafaleError(f"prompt {i + 1} is empty and the tokenizer has no end-of-text token to start from")
+            row.append(eos)
+    device = model.lm_head.weight.device
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = generate(
+        model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos, pad, True, generator
+    )
+    results = []
+    for prompt, ids in zip(prompts, out.tolist()):
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        results.append({"prompt": prompt, "text": tokenizer.decode(ids), "token_ids": ids})
+    return results
+
+
+def generate_from_folder(path: str | Path, prompts: list[str], **options) -> list[dict]:
+    """generate_text with the model and tokenizer.json of a Hugging Face folder, or of a run folder's `model/`."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    folder = path / "model" if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file() else path
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise RafaleError(f"{folder}: no {TOKENIZER_FILE} beside the model (export with a tokenizer to generate text)")
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+        raise RafaleError(f"{folder / TOKENIZER_FILE}: not a valid tokenizer file ({e})") from None
+    model = load_pretrained(folder)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return generate_text(model, tokenizer, prompts, **options)
