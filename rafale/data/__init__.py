@@ -1,0 +1,9 @@
+"""The datapipe: a source of documents -> tokenizer -> blocks of token ids, cached -> dataloaders.
+
+Importing this package is cheap: torch, datasets and tokenizers are imported by the functions that use them.
+"""
+
+from rafale.data.cache import PreparedData, format_summary, prepare_data
+from rafale.data.collators import CausalLMCollator, build_dataloaders
+
+__all__ = ["CausalLMCollator", "PreparedData", "build_dataloaders", "format_summary", "prepare_data"]

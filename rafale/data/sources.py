@@ -1,0 +1,238 @@
+"""Where documents come from: local files, a `save_to_disk` folder, a hub dataset, or the synthetic corpus.
+
+`load_documents` returns a DatasetDict with a "train" and a "validation" split of raw documents;
+`source_fingerprint` describes the source cheaply (paths, sizes, mtimes; no reading) so that the cache can tell
+whether it changed. Local files:
+
+- `.txt`: documents are separated by one or more blank lines (lines that are empty or hold only whitespace);
+  each document is stripped of leading and trailing whitespace. Its column is "text".
+- `.jsonl` / `.json` / `.parquet`: read by the `datasets` builder of that format; `text_column` names the column.
+- Text files (`.txt`, `.jsonl`, `.json`) must be UTF-8: a file that is not is an error naming the file and the
+  offset of the first bad byte, never silently repaired, so that the same file always gives the same tokens.
+- A folder uses the files of one supported kind below it; as on the hub, files named like `validation*`,
+  `valid*`, `val*` or `dev*` (and `train*`) form the splits. A glob's files are all training documents.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from rafale.config import SYNTHETIC_PREFIX, DataSettings
+from rafale.errors import RafaleError
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+KEY = "data.config.dataset_path"
+# The `datasets` builder that reads each kind of file; `.txt` files are read by `_text_documents`.
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": None}
+TEXT_FORMATS = {".txt", ".jsonl", ".json"}
+SYNTHETIC_CORPORA = ("stories",)
+
+
+def is_synthetic(settings: DataSettings) -> bool:
+    return settings.dataset_path.startswith(SYNTHETIC_PREFIX)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _is_local(text: str) -> bool:
+    """A path rather than a hub name (a missing `data.txt` is a missing file, not a dataset on the hub)."""
+    return (os.path.isabs(text) or os.path.exists(text) or glob.has_magic(text)
+            or Path(text).suffix.lower() in BUILDERS)
+
+
+def source_fingerprint(settings: DataSettings) -> dict[str, Any]:
+    """What identifies the source without reading it: for local sources, every file's path, size and mtime."""
+    path = settings.dataset_path
+    if is_synthetic(settings):
+        return {"synthetic": path, "documents": settings.synthetic_documents, "seed": settings.synthetic_seed}
+    if not _is_local(path):
+        return {"hub": path}
+    folder = Path(path)
+    if folder.is_dir() and is_saved_dataset(folder):
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+    else:
+        files = [file for split_files in _local_files(path).values() for file in split_files]
+    return {"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def _local_files(path: str) -> dict[str, list[Path]]:
+    """The supported files of a file, folder or glob, by split ("train", maybe "validation")."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    source = Path(path)
+    if source.is_file():
+        by_split = {"train": [source]}
+    elif source.is_dir():
+        patterns = get_data_patterns(str(source))
+        resolved = DataFilesDict.from_patterns(patterns, base_path=str(source))
+        by_split = {str(split): [Path(f) for f in files] for split, files in resolved.items()}
+    else:
+        by_split = {"train": [Path(f) for f in sorted(glob.glob(path, recursive=True)) if os.path.isfile(f)]}
+    by_split = {split: sorted(f for f in files if f.suffix.lower() in BUILDERS)
+                for split, files in by_split.items() if split in ("train", "validation")}
+    if not by_split.get("train"):
+        if source.is_file():
+            raise RafaleError(f"{KEY}: {source}: unsupported file type; use {', '.join(BUILDERS)}")
+        if not source.exists() and not glob.has_magic(path):
+            raise RafaleError(f"{KEY}: no such file or folder: {source}")
+        raise RafaleError(f"{KEY}: no training files ({', '.join(BUILDERS)}) in {path}")
+    kinds = {f.suffix.lower() for files in by_split.values() for f in files}
+    if len({BUILDERS[kind] for kind in kinds}) > 1:
+        raise RafaleError(f"{KEY}: {path} mixes {', '.join(sorted(kinds))} files; use one kind")
+    return by_split
+
+
+def check_text(file: Path) -> bool:
+    """Whether the file holds anything but whitespace; a RafaleError naming the first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    with open(file, "rb") as stream:
+        while True:
+            chunk = stream.read(1 << 20)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                # The decoder may hold back up to 3 bytes of an unfinished character from the previous chunk.
+                pending = len(error.object) - len(chunk)
+                at = offset - pending + error.start
+                raise RafaleError(f"{KEY}: {file}: not UTF-8 text (byte 0x{error.object[error.start]:02x} "
+                                  f"at offset {at})") from None
+            has_text = has_text or bool(text.strip())
+            if not chunk:
+                return has_text
+            offset += len(chunk)
+
+
+def _text_documents(files: list[str]) -> Iterator[dict[str, str]]:
+    """Documents of .txt files: runs of lines separated by blank lines, stripped."""
+    for file in files:
+        lines: list[str] = []
+        with open(file, encoding="utf-8") as stream:
+            for line in stream:
+                if line.strip():
+                    lines.append(line)
+                elif lines:
+                    yield {"text": "".join(lines).strip()}
+                    lines = []
+        if lines:
+            yield {"text": "".join(lines).strip()}
+
+
+def _load_files(by_split: dict[str, list[Path]], source: str, work_dir: Path) -> DatasetDict:
+    import datasets
+
+    # Files without documents are left out: some readers fail on them.
+    by_split = {split: [f for f in files if (check_text(f) if f.suffix.lower() in TEXT_FORMATS
+                                             else f.stat().st_size > 0)]
+                for split, files in by_split.items()}
+    by_split = {split: files for split, files in by_split.items() if files}
+    if "train" not in by_split:
+        raise RafaleError(f"{KEY}: no documents in {source}")
+    builder = BUILDERS[by_split["train"][0].suffix.lower()]
+    data_files = {split: [str(f) for f in files] for split, files in by_split.items()}
+    try:
+        if builder is None:
+            features = datasets.Features({"text": datasets.Value("string")})
+            return datasets.DatasetDict({
+                split: datasets.Dataset.from_generator(_text_documents, features=features, cache_dir=str(work_dir),
+                                                       gen_kwargs={"files": files}, split=datasets.NamedSplit(split))
+                for split, files in data_files.items()})
+        return datasets.load_dataset(builder, data_files=data_files, cache_dir=str(work_dir))
+    except Exception as error:  # a malformed file surfaces as any of several pyarrow / datasets errors
+        cause = error.__cause__ or error
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise RafaleError(f"{KEY}: could not read {source}: {first_line}") from None
+
+
+def _load_hub(name: str) -> DatasetDict:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as error:  # offline, unknown name, gated dataset: all say the same to the user
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RafaleError(f"{KEY}: could not load hub dataset {name!r}: {first_line}") from None
+    return loaded
+
+
+def _synthetic(settings: DataSettings) -> DatasetDict:
+    import datasets
+
+    from rafale.data.synthetic import generate_stories
+
+    corpus = settings.dataset_path[len(SYNTHETIC_PREFIX):]
+    if corpus not in SYNTHETIC_CORPORA:
+        raise RafaleError(f"{KEY}: unknown synthetic corpus {corpus!r}; valid: "
+                          + ", ".join(SYNTHETIC_PREFIX + c for c in SYNTHETIC_CORPORA))
+    stories = generate_stories(settings.synthetic_documents, settings.synthetic_seed)
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": stories})})
+
+
+def _load_raw(settings: DataSettings, work_dir: Path) -> DatasetDict:
+    import datasets
+
+    path = settings.dataset_path
+    if is_synthetic(settings):
+        return _synthetic(settings)
+    if not _is_local(path):
+        return _load_hub(path)
+    folder = Path(path)
+    if folder.is_dir() and is_saved_dataset(folder):
+        loaded = datasets.load_from_disk(str(folder))
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    return _load_files(_local_files(path), path, work_dir)
+
+
+def load_documents(settings: DataSettings, work_dir: Path) -> DatasetDict:
+    """The source's documents as "train" and "validation" splits holding only the text column.
+
+    The source's own "validation" split is used where it has one; otherwise `validation_fraction` of the
+    documents is carved from train: at random (with `split_seed`) when `shuffle_dataset`, else from its end.
+    Intermediate files go to `work_dir`, never beside the source.
+    """
+    import datasets
+
+    raw = _load_raw(settings, work_dir)
+    source = settings.dataset_path
+    if "train" not in raw:
+        raise RafaleError(f"{KEY}: {source} has no 'train' split; splits: {', '.join(raw)}")
+    column = settings.text_column
+    splits = {}
+    for split in ("train", "validation"):
+        if split not in raw:
+            continue
+        names = raw[split].column_names
+        if column not in names:
+            raise RafaleError(f"data.config.text_column: column {column!r} not in {source}; "
+                              f"columns: {', '.join(names)}")
+        kind = getattr(raw[split].features[column], "dtype", "a nested value")
+        if kind not in ("string", "large_string"):
+            raise RafaleError(f"data.config.text_column: column {column!r} of {source} holds {kind}, not text")
+        # Empty and whitespace-only documents (and missing values) would only add stray EOS tokens.
+        dataset = raw[split].select_columns([column]).filter(
+            lambda texts: [bool(text and not text.isspace()) for text in texts],
+            input_columns=[column], batched=True, keep_in_memory=True)
+        if settings.shuffle_dataset:
+            dataset = dataset.shuffle(seed=settings.split_seed, keep_in_memory=True)
+        splits[split] = dataset
+    train = splits["train"]
+    if len(train) == 0:
+        raise RafaleError(f"{KEY}: no documents in {source}")
+    if "validation" not in splits:
+        if len(train) < 2:
+            raise RafaleError(f"{KEY}: {source} has 1 document; a validation split needs at least 2")
+        # The end of the (shuffled) documents: at least one of them, and at least one left to train on.
+        cut = len(train) - min(math.ceil(settings.validation_fraction * len(train)), len(train) - 1)
+        splits = {"train": train.select(range(cut), keep_in_memory=True),
+                  "validation": train.select(range(cut, len(train)), keep_in_memory=True)}
+    return datasets.DatasetDict(splits)
