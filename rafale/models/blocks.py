@@ -5,6 +5,8 @@ Each block reads only the few config switches it needs, so a family is a choice 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,17 +36,30 @@ class Rotary(nn.Module):
 
     The frequencies are recomputed on each call (a handful of tiny ops, once per forward, shared by all
     layers) rather than kept in a buffer: a buffer would be cast along with the model to bf16, and rotary
-    angles at long positions need fp32. Frequency scaling (Llama 3) would change `inverse_frequencies` only.
+    angles at long positions need fp32.
+
+    `scaling` is Llama 3's frequency scaling (factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings), or None. It stretches the slow frequencies by `factor` so a model trained
+    on short contexts reaches longer ones, keeps the fast ones that encode local order, and blends in between.
     """
 
-    def __init__(self, head_dim: int, rotary_pct: float, base: float):
+    def __init__(self, head_dim: int, rotary_pct: float, base: float, scaling: dict | None = None):
         super().__init__()
         self.dim = int(head_dim * rotary_pct)
         self.base = base
+        self.scaling = scaling
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         exponents = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim
-        return 1.0 / (self.base**exponents)
+        frequencies = 1.0 / (self.base**exponents)
+        if self.scaling is None:
+            return frequencies
+        s = self.scaling
+        # How many turns each frequency makes over the pretraining context, placed between the two cutoffs:
+        # 0 or below (few turns, long wavelengths) is divided by factor, 1 or above is kept, in between is blended.
+        turns = s["original_max_position_embeddings"] * frequencies / (2 * math.pi)
+        blend = ((turns - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        return torch.lerp(frequencies / s["factor"], frequencies, blend)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> (cos, sin), each [B, 1, T, dim], broadcast over heads."""

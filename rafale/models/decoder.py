@@ -32,6 +32,9 @@ class DecoderConfig:
     positions: str = "rotary"
     rotary_pct: float = 1.0
     rotary_emb_base: float = 10000.0
+    # Llama 3 rotary frequency scaling: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings},
+    # or None for plain rotary.
+    rope_scaling: dict | None = None
     mlp: str = "gelu"
     parallel_residual: bool = True
     tie_embeddings: bool = False
@@ -39,6 +42,8 @@ class DecoderConfig:
     mlp_bias: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # The family (weights.FAMILIES) whose Hugging Face class this model is saved as; save_pretrained falls back
+    # to another family only when this one cannot express the other settings.
     family: str = "pythia"
 
     def __post_init__(self):
@@ -61,6 +66,13 @@ class DecoderConfig:
                 f"model.rotary_pct: {self.rotary_pct} of head size {self.head_dim} gives "
                 f"{int(self.head_dim * self.rotary_pct)} rotary dims; it must be even"
             )
+        if self.rope_scaling is not None:
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if not isinstance(self.rope_scaling, dict) or sorted(self.rope_scaling) != sorted(keys):
+                raise RafaleError(f"model.rope_scaling: needs exactly the keys {', '.join(keys)}")
+            s = self.rope_scaling
+            if not (s["factor"] > 0 and s["high_freq_factor"] > s["low_freq_factor"]):
+                raise RafaleError("model.rope_scaling: needs factor > 0 and high_freq_factor > low_freq_factor")
         if not 0 <= self.dropout < 1:
             raise RafaleError(f"model.dropout: must be in [0, 1), got {self.dropout}")
 
@@ -101,7 +113,7 @@ class Decoder(nn.Module):
             self.pos_embed = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         rotary_dims = int(config.head_dim * config.rotary_pct)
         self.rotary = (
-            Rotary(config.head_dim, config.rotary_pct, config.rotary_emb_base)
+            Rotary(config.head_dim, config.rotary_pct, config.rotary_emb_base, config.rope_scaling)
             if config.positions == "rotary" and rotary_dims > 0
             else None
         )

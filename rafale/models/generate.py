@@ -13,7 +13,7 @@ import torch
 from rafale.errors import RafaleError
 from rafale.models.weights import CONFIG_FILE, TOKENIZER_FILE, load_pretrained
 
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
 def pick_next(
@@ -101,7 +101,7 @@ def generate(
 
 
 def find_eos(tokenizer) -> int | None:
-    """The id of the first of <|endoftext|>, </s>, <eos> that the tokenizer knows, or None."""
+    """The id of the first of EOS_CANDIDATES (GPT-NeoX, Llama 2, Gemma, Llama 3) that the tokenizer knows, or None."""
     for token in EOS_CANDIDATES:
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:

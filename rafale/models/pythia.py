@@ -86,7 +86,14 @@ def config_from_hf(hf: dict) -> DecoderConfig:
 def config_to_hf(config: DecoderConfig) -> dict:
     """The config.json transformers needs to rebuild the model as GPTNeoXForCausalLM."""
     # What GPT-NeoX cannot express: refuse rather than write a checkpoint that loads as a different model.
-    needs = dict(norm="layernorm", positions="rotary", mlp="gelu", mlp_bias=True, n_kv_heads=(None, config.n_heads))
+    needs = dict(
+        norm="layernorm",
+        positions="rotary",
+        mlp="gelu",
+        mlp_bias=True,
+        n_kv_heads=(None, config.n_heads),
+        rope_scaling=None,
+    )
     for key, value in needs.items():
         allowed = value if isinstance(value, tuple) else (value,)
         if getattr(config, key) not in allowed:

@@ -18,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rafale.errors import RafaleError
-from rafale.models import pythia
+from rafale.models import bert, llama, pythia
+from rafale.models.bert import Encoder, EncoderConfig
 from rafale.models.decoder import Decoder, DecoderConfig
 
 CONFIG_FILE = "config.json"
@@ -26,8 +27,26 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-# DecoderConfig.family -> its module. A new family (llama.py, bert.py) is one file and one line here.
-FAMILIES: dict[str, ModuleType] = {"pythia": pythia}
+# DecoderConfig.family / EncoderConfig.family -> its module. A new family is one file and one line here
+# (BERT and RoBERTa share bert.py).
+FAMILIES: dict[str, ModuleType] = {"pythia": pythia, "llama": llama, "bert": bert, "roberta": bert}
+
+
+def build(config: DecoderConfig | EncoderConfig) -> Decoder | Encoder:
+    """A randomly initialised model of the config's kind: a decoder, or an encoder (bert.py)."""
+    return Encoder(config) if isinstance(config, EncoderConfig) else Decoder(config)
+
+
+def _family(config: DecoderConfig | EncoderConfig) -> ModuleType:
+    if config.family not in FAMILIES:
+        raise RafaleError(f"model.family: {config.family!r} is not one of {', '.join(FAMILIES)}")
+    return FAMILIES[config.family]
+
+
+def _parts(theirs: str | dict[str, int]) -> dict[str, int | None]:
+    """A weight map entry as {checkpoint name: rows}: a dict stacks several checkpoint tensors by rows into one
+    rafale tensor (Llama's q_proj, k_proj, v_proj into the fused QKV); a plain name (rows None) is the whole tensor."""
+    return theirs if isinstance(theirs, dict) else {theirs: None}
 
 
 def _few(names: list[str], shown: int = 3) -> str:
@@ -51,11 +70,12 @@ def read_hf_config(folder: str | Path) -> dict:
     return config
 
 
-def config_from_folder(folder: str | Path) -> DecoderConfig:
-    """The DecoderConfig of a Hugging Face folder, through the family that reads its model_type."""
+def config_from_folder(folder: str | Path) -> DecoderConfig | EncoderConfig:
+    """The config of a Hugging Face folder, through the family that reads its model_type."""
     hf = read_hf_config(folder)
     path = Path(folder) / CONFIG_FILE
-    by_type = {module.MODEL_TYPE: module for module in FAMILIES.values()}
+    # A module reads one model_type, or several (MODEL_TYPES: bert.py reads bert and roberta).
+    by_type = {kind: m for m in FAMILIES.values() for kind in getattr(m, "MODEL_TYPES", None) or (m.MODEL_TYPE,)}
     model_type = hf.get("model_type")
     if model_type not in by_type:
         raise RafaleError(f"{path}: model_type {model_type!r} is not supported; valid: {', '.join(by_type)}")
@@ -65,10 +85,14 @@ def config_from_folder(folder: str | Path) -> DecoderConfig:
         raise RafaleError(f"{path}: {e}") from None
 
 
-def load_pretrained(folder: str | Path) -> Decoder:
-    """A Decoder built from a Hugging Face folder's config.json, with its weights, in eval mode."""
-    model = Decoder(config_from_folder(folder))
-    load_weights(model, folder)
+def load_pretrained(folder: str | Path) -> Decoder | Encoder:
+    """The model a Hugging Face folder's config.json describes, with its weights, in eval mode.
+
+    An encoder's head is the one its `architectures` names (MLM, sequence classification, or none: the bare
+    encoder, as sentence-embedding models ship it), and the folder must hold that head's tensors.
+    """
+    model = build(config_from_folder(folder))
+    load_weights(model, folder, new_head=False)
     return model.eval()
 
 
@@ -98,34 +122,47 @@ def _open_safetensors(folder: Path, stack: ExitStack) -> dict[str, tuple[Path, o
     return located
 
 
-def load_weights(model: Decoder, folder: str | Path) -> None:
-    """Copy a Hugging Face folder's weights into an already-built model; every tensor must be there, in shape."""
+def load_weights(model: Decoder | Encoder, folder: str | Path, new_head: bool = True) -> list[str]:
+    """Copy a Hugging Face folder's weights into an already-built model; every tensor must be there, in shape.
+
+    An encoder may take its body from a checkpoint of another task (to fine-tune a classifier from an MLM or
+    bare checkpoint): with `new_head`, a checkpoint holding none of the model's head tensors leaves the head as
+    initialised. Returns the rafale tensors left so (empty when the checkpoint had everything).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise RafaleError(f"{folder}: no such model folder")
     config = model.config
-    family = FAMILIES[config.family]
-    names = family.weight_names(config)
+    family = _family(config)
     state = model.state_dict()
     with ExitStack() as stack:
         located = _open_safetensors(folder, stack)
-        expected = set(names.values())
-        missing = [theirs for theirs in names.values() if theirs not in located]
+        if isinstance(config, EncoderConfig):
+            weight_names, fresh = bert.checkpoint_names(config, located, new_head)
+        else:
+            weight_names, fresh = family.weight_names(config), []
+        names = {ours: _parts(theirs) for ours, theirs in weight_names.items()}
+        expected = dict.fromkeys(theirs for parts in names.values() for theirs in parts)
+        missing = [theirs for theirs in expected if theirs not in located]
         unexpected = [name for name in located if name not in expected and not family.IGNORED_HF.search(name)]
         problems = [f"missing tensors: {_few(missing)}"] if missing else []
         problems += [f"unexpected tensors: {_few(unexpected)}"] if unexpected else []
         if problems:
             raise RafaleError(f"{folder}: {'; '.join(problems)}")
         # Check every shape before copying anything, so a mismatch never leaves a half-loaded model.
-        for ours, theirs in names.items():
-            path, handle = located[theirs]
-            shape = list(handle.get_slice(theirs).get_shape())
-            if shape != list(state[ours].shape):
-                raise RafaleError(f"{path}: {theirs} has shape {shape}, the model expects {list(state[ours].shape)}")
+        for ours, parts in names.items():
+            for theirs, rows in parts.items():
+                path, handle = located[theirs]
+                shape = list(handle.get_slice(theirs).get_shape())
+                wanted = list(state[ours].shape) if rows is None else [rows, *state[ours].shape[1:]]
+                if shape != wanted:
+                    raise RafaleError(f"{path}: {theirs} has shape {shape}, the model expects {wanted}")
         with torch.no_grad():
-            for ours, theirs in names.items():
-                _, handle = located[theirs]
-                state[ours].copy_(family.from_hf(ours, handle.get_tensor(theirs), config))
+            for ours, parts in names.items():
+                pieces = [located[theirs][1].get_tensor(theirs) for theirs in parts]
+                tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                state[ours].copy_(family.from_hf(ours, tensor, config))
+    return fresh
 
 
 def _write_tokenizer(tokenizer, path: Path) -> None:
@@ -138,7 +175,26 @@ def _write_tokenizer(tokenizer, path: Path) -> None:
         tokenizer.save(str(path))
 
 
-def save_pretrained(model: Decoder, folder: str | Path, tokenizer=None) -> Path:
+def _export_family(config: DecoderConfig | EncoderConfig) -> tuple[ModuleType, dict]:
+    """The family a model is saved as, with its config.json: its own family, or else the first that can express
+    every setting (a Pythia switched to RMSNorm, SwiGLU, full rotary and sequential residuals is a Llama).
+
+    A family's config_to_hf raises a RafaleError naming the first setting it cannot express; when every family
+    refuses, the one-line error names each refusal.
+    """
+    own = _family(config)
+    # An encoder's class follows from its family and head (bert.py); only decoders have another family to try.
+    others = [] if isinstance(config, EncoderConfig) else [m for m in FAMILIES.values() if m is not bert]
+    refusals = []
+    for family in dict.fromkeys([own, *others]):
+        try:
+            return family, family.config_to_hf(config)
+        except RafaleError as e:
+            refusals.append(str(e))
+    raise RafaleError(f"{'; '.join(refusals)}: no Hugging Face class has this combination of settings")
+
+
+def save_pretrained(model: Decoder | Encoder, folder: str | Path, tokenizer=None) -> Path:
     """Write config.json, model.safetensors (and tokenizer.json) so that transformers can load the model.
 
     Written into a temporary folder beside the target and renamed when complete: an existing model folder is
@@ -150,14 +206,15 @@ def save_pretrained(model: Decoder, folder: str | Path, tokenizer=None) -> Path:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
         raise RafaleError(f"{folder}: exists and is not a model folder (no {CONFIG_FILE}); refusing to replace it")
     config = model.config
-    family = FAMILIES[config.family]
-    hf_config = family.config_to_hf(config)
-    hf_config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    family, hf_config = _export_family(config)
+    hf_config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     state = model.state_dict()
-    tensors = {
-        theirs: family.to_hf(ours, state[ours], config).detach().cpu().contiguous()
-        for ours, theirs in family.weight_names(config).items()
-    }
+    tensors = {}
+    for ours, theirs in family.weight_names(config).items():
+        parts = _parts(theirs)
+        tensor = family.to_hf(ours, state[ours], config).detach().cpu()
+        pieces = tensor.split(list(parts.values())) if len(parts) > 1 else [tensor]
+        tensors.update({name: piece.contiguous() for name, piece in zip(parts, pieces)})
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
