@@ -85,7 +85,7 @@ class RunConfig(Section):
     # Where checkpoints and the exported model go; default: <cache>/checkpoints/<name>.
     checkpoint_dir: Optional[str] = None
     # Steps that DEBUG=1 spends overfitting its single batch.
-    debug_steps: PositiveInt = 40
+    debug_steps: PositiveInt = 60
     # Samples printed at the end of training.
     sample_prompts: list[str] = Field(default_factory=lambda: ["Once upon a time"])
     sample_max_new_tokens: Annotated[int, Field(ge=0)] = 48
@@ -131,6 +131,14 @@ class ModelConfig(Section):
     parallel_residual: Optional[bool] = None
     norm_eps: Optional[PositiveFloat] = None
     dropout: Optional[Annotated[float, Field(ge=0, lt=1)]] = None
+    # Composing a decoder from the shared blocks: "Pythia with RMSNorm and SwiGLU" is two lines of YAML.
+    n_kv_heads: Optional[PositiveInt] = None
+    norm: Optional[Literal["layernorm", "rmsnorm"]] = None
+    positions: Optional[Literal["rotary", "learned", "none"]] = None
+    mlp: Optional[Literal["gelu", "swiglu"]] = None
+    tie_embeddings: Optional[bool] = None
+    attention_bias: Optional[bool] = None
+    mlp_bias: Optional[bool] = None
 
     @model_validator(mode="after")
     def _pretrained_needs_path(self) -> "ModelConfig":
@@ -207,18 +215,13 @@ class DataConfig(Section):
 class LoggingConfig(Section):
     """`logging:` where metrics go besides the console."""
 
-    # Console progress every this many batches.
-    log_interval: str = "10ba"
+    # A console progress line every this many batches.
+    log_interval: PositiveInt = 10
     use_file: bool = False
     use_tensorboard: bool = False
     use_wandb: bool = False
     use_mlflow: bool = False
     log_dir: str = "run_logs"
-
-    @field_validator("log_interval", mode="before")
-    @classmethod
-    def _interval(cls, value: Any) -> Any:
-        return _time_string(value)
 
 
 class RunFile(Section):
