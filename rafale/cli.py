@@ -84,7 +84,7 @@ def debug(config: Path = typer.Option(..., "--config", "-c", help="The YAML run 
 
 @app.command()
 def generate(
-    path: Path = typer.Argument(..., help="A Hugging Face-format folder with tokenizer.json, or a rafale run's folder."),
+    path: Path = typer.Argument(..., help="A Hugging Face-format folder with tokenizer.json, or a run's folder."),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A prompt; repeat for a batch."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy decoding."),

@@ -331,7 +331,8 @@ def load_run_file(path: Union[str, Path]) -> RunFile:
     settings = config.data.config
     settings.dataset_path = _resolve_path(settings.dataset_path, base, "data.config.dataset_path", file, True)
     settings.tokenizer_path = _resolve_path(settings.tokenizer_path, base, "data.config.tokenizer_path", file, True)
-    config.model.pretrained_path = _resolve_path(config.model.pretrained_path, base, "model.pretrained_path", file, True)
+    model = config.model
+    model.pretrained_path = _resolve_path(model.pretrained_path, base, "model.pretrained_path", file, True)
     if config.run.checkpoint_dir is not None:
         config.run.checkpoint_dir = str((base / os.path.expanduser(config.run.checkpoint_dir)).resolve())
     config.logging.log_dir = str((base / os.path.expanduser(config.logging.log_dir)).resolve())

@@ -11,13 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 from composer import Callback, Trainer
 from composer.core import DataSpec, State
 from composer.loggers import Logger, LoggerDestination
-from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
-from composer.models import ComposerModel
 from composer.optim.scheduler import (
     ComposerScheduler,
     ConstantWithWarmupScheduler,
@@ -25,48 +21,17 @@ from composer.optim.scheduler import (
     LinearWithWarmupScheduler,
 )
 from composer.utils import dist, reproducibility
+from torch.utils.data import DataLoader, Subset
 
 from rafale.config import RunFile, cache_root
 from rafale.data import PreparedData, build_dataloaders, format_summary, prepare_data
 from rafale.errors import RafaleError
 from rafale.models import build_model, load_weights, save_pretrained
 from rafale.models.generate import generate_text
+from rafale.tasks import ComposerLM
 
-IGNORE_INDEX = -100
 # A trained-from-scratch model's vocabulary is the tokenizer's, rounded up so matmuls stay aligned.
 VOCAB_MULTIPLE = 64
-
-
-class ComposerLM(ComposerModel):
-    """A causal LM for Composer: forward, next-token loss, and eval metrics (cross-entropy, perplexity)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
-
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = outputs[:, :-1].flatten(0, 1)
-        labels = batch["labels"][:, 1:].flatten()
-        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-
-    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Optional[Any] = None) -> torch.Tensor:
-        return outputs if outputs is not None else self.forward(batch)
-
-    def get_metrics(self, is_train: bool = False) -> dict:
-        return {} if is_train else self.eval_metrics
-
-    def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric) -> None:
-        logits = outputs[:, :-1].reshape(-1, outputs.shape[-1]).float()
-        metric.update(logits, batch["labels"][:, 1:].reshape(-1))
-
-    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
-        """Model FLOPs of one training batch (forward and backward), so SpeedMonitor can report MFU."""
-        rows, length = batch["input_ids"].shape
-        return self.model.flops_per_token(length) * rows * length
 
 
 class WarmupStableDecayScheduler(ComposerScheduler):
@@ -100,7 +65,8 @@ class ConsoleProgress(LoggerDestination):
         batch, total = int(state.timestamp.batch), state.max_duration
         if batch % self.interval and batch != 1 and state.get_elapsed_duration() < 1:
             return
-        where = f"{batch}/{total.value}" if total.unit.value == "ba" else f"{batch}, {state.get_elapsed_duration().value:.0%}"
+        done = state.get_elapsed_duration().value
+        where = f"{batch}/{total.value}" if total.unit.value == "ba" else f"{batch}, {done:.0%}"
         learning_rate = state.optimizers[0].param_groups[0]["lr"]
         # SpeedMonitor logs after this destination runs, so this is the window up to the previous batch.
         speed = self.latest.get("throughput/tokens_per_sec")
@@ -344,7 +310,8 @@ def debug_run(config: RunFile) -> bool:
     train_loader, _ = build_dataloaders(prepared, config.data.config, config.run.seed)
     rows = min(config.data.config.train_batch_size, len(train_loader.dataset))
     # The same single batch for training and eval, as a real DataLoader so Composer knows its batch size.
-    one_batch = DataLoader(Subset(train_loader.dataset, range(rows)), batch_size=rows, collate_fn=train_loader.collate_fn)
+    first_rows = Subset(train_loader.dataset, range(rows))
+    one_batch = DataLoader(first_rows, batch_size=rows, collate_fn=train_loader.collate_fn)
     model = build_language_model(config, prepared)
     device, precision = _device_and_precision(config)
     steps = config.run.debug_steps

@@ -34,7 +34,8 @@ def test_three_spellings_reach_the_same_command(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("run:\n  name: x\n  max_lr: -1\nmodel:\n  config: pythia-tiny\ndata:\n  config:\n    name: d\n")
     outputs = []
-    for args in (["rafale/main", "-c", str(bad)], ["-m", "rafale", "-c", str(bad)], ["-m", "rafale", "train", "-c", str(bad)]):
+    for args in (["rafale/main"], ["-m", "rafale"], ["-m", "rafale", "train"]):
+        args = [*args, "-c", str(bad)]
         result = run(*args)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr

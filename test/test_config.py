@@ -65,7 +65,7 @@ def test_paths_resolve_relative_to_the_run_file_not_the_working_directory(tmp_pa
         ('  max_lr: 6e-04', '  schedule: "cosine"', "run.schedule: unknown schedule 'cosine'; valid: cosine-warmup"),
         ('  max_lr: 6e-04', '  optimizer: "SGD"', "run.optimizer: unknown optimizer 'sgd'; valid: adamw"),
         ('  eval_interval: 50', '  eval_interval: "soon"', "run.eval_interval: expected a positive time"),
-        ('  eval_interval: 50', '  eval_interval: 50\n  seed: 1\n  seed: 2', "line 6, column 3: key 'seed' appears twice"),
+        ('  eval_interval: 50', '  seed: 1\n  seed: 2', "line 5, column 3: key 'seed' appears twice"),
         ('pipeline: "tinystories_neox"', 'pipeline: "mlm"', "data.pipeline: unknown pipeline 'mlm'; valid: causal_lm"),
         ('"corpus.txt"', '"missing.txt"', "data.config.dataset_path: no such file or folder:"),
         ('  config: "pythia-tiny"', '  config: "pythia-tiny"\n  use_pretrained: true', "pretrained_path is not set"),

@@ -24,8 +24,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from rafale.config import DataSettings, RunFile, cache_root
 from rafale.data.sources import is_saved_dataset, load_documents, source_fingerprint
-from rafale.data.tokenizer import (find_tokenizer_file, load_tokenizer, special_token_ids, tokenizer_identity,
-                                   tokenizer_name, train_tokenizer)
+from rafale.data.tokenizer import (
+    find_tokenizer_file,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_identity,
+    tokenizer_name,
+    train_tokenizer,
+)
 from rafale.errors import RafaleError
 
 if TYPE_CHECKING:

@@ -136,7 +136,7 @@ def _storm(rng: random.Random, hero: Character, friend: Character) -> list[str]:
             f"Suddenly, the sky got dark and it began to {rng.choice(['rain', 'snow', 'thunder'])}.",
             f"{friend.name} was {rng.choice(FEELINGS_BAD)}. \"I want to go home,\" {friend.he} said.",
             f"\"Do not be afraid,\" said {hero.name}. \"We can hide {rng.choice(HIDING_SPOTS)}.\"",
-            f"They waited together until the sun came back.",
+            "They waited together until the sun came back.",
             f"Then they ate {rng.choice(FOODS)} and laughed."]
 
 
