@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from rafale.errors import RafaleError
+from rafale.errors import Interrupted, RafaleError
 
 app = typer.Typer(
     add_completion=False,
@@ -109,11 +109,15 @@ def generate(
 
 
 def run() -> None:
-    """Console entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    """Console entry point: user mistakes become one line on stderr and exit code 2, never a traceback.
+
+    Exit codes (errors.py): 2 a user mistake, 1 a DEBUG=1 run whose model did not learn, 3 a non-finite loss,
+    130 / 143 training stopped by Ctrl-C / SIGTERM after saving a checkpoint.
+    """
     try:
         app()
     except RafaleError as error:
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(str(error) if isinstance(error, Interrupted) else f"error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
