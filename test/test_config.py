@@ -66,7 +66,21 @@ def test_paths_resolve_relative_to_the_run_file_not_the_working_directory(tmp_pa
         ('  max_lr: 6e-04', '  optimizer: "SGD"', "run.optimizer: unknown optimizer 'sgd'; valid: adamw"),
         ('  eval_interval: 50', '  eval_interval: "soon"', "run.eval_interval: expected a positive time"),
         ('  eval_interval: 50', '  seed: 1\n  seed: 2', "line 5, column 3: key 'seed' appears twice"),
-        ('pipeline: "tinystories_neox"', 'pipeline: "mlm"', "data.pipeline: unknown pipeline 'mlm'; valid: causal_lm"),
+        ('pipeline: "tinystories_neox"', 'pipeline: "mlmm"', "data.pipeline: unknown pipeline 'mlmm'; valid: "),
+        ('pipeline: "tinystories_neox"', 'pipeline: "mlm"', "data.pipeline: 'mlm' needs model.type 'encoder'"),
+        ('  config: "pythia-tiny"', '  config: "bert-tiny"\n  type: "encoder"', "data.pipeline: 'causal_lm' needs "
+         "model.type 'decoder'"),
+        ('  config: "pythia-tiny"', '  config: "pythia-tiny"\n  mode: "mlm"', "model.mode: only encoders have a mode"),
+        ('  config: "pythia-tiny"', '  config: "bert-tiny"\n  type: "encoder"\n  mode: "cls"',
+         "model.mode: 'cls' needs data.pipeline 'classification' (got 'causal_lm')"),
+        ('  config: "pythia-tiny"', '  config: "bert-tiny"\n  type: "encoder"\n  mode: "nsp"',
+         "model.mode: Input should be"),
+        ('  config: "pythia-tiny"', '  config: "pythia-tiny"\n  n_classes: 1', "model.n_classes: must be >= 2"),
+        ('  config: "pythia-tiny"', '  config: "pythia-tiny"\n  type: "seq2seq"', "model.type: Input should be"),
+        ('    pad_token_id: -100', '    mlm_probability: 1.5', "data.config.mlm_probability: must be < 1"),
+        ('    pad_token_id: -100', '    mlm_truncate: "split"', "data.config.mlm_truncate: Input should be 'chunk'"),
+        ('    pad_token_id: -100', '    label_col: "y"',
+         "data.config.label_col: unknown key; did you mean 'label_column'?"),
         ('"corpus.txt"', '"missing.txt"', "data.config.dataset_path: no such file or folder:"),
         ('  config: "pythia-tiny"', '  config: "pythia-tiny"\n  use_pretrained: true', "pretrained_path is not set"),
     ],
@@ -97,6 +111,17 @@ def test_missing_run_file(tmp_path):
 
 def test_bundled_run_files_load():
     root = Path(__file__).parent
-    for name in ("pythia_tinystories.yaml", "pythia_tinystories_hub.yaml"):
+    for name in ("pythia_tinystories.yaml", "pythia_tinystories_hub.yaml", "bert_tiny_mlm.yaml",
+                 "bert_tiny_classify.yaml", "bert_tiny_imdb.yaml"):
         config = load_run_file(root / name)
         assert config.run.name
+
+
+def test_encoder_modes_follow_the_pipeline(tmp_path):
+    encoder = VALID.replace('  config: "pythia-tiny"', '  config: "bert-tiny"\n  type: "encoder"')
+    config = load_run_file(write(tmp_path, encoder.replace('"tinystories_neox"', '"mlm"')))
+    assert config.model.mode == "mlm" and config.data.config.mlm_probability == 0.15
+    # The original's IMDB pipeline name is an alias of classification.
+    config = load_run_file(write(tmp_path, encoder.replace('"tinystories_neox"', '"imdb_bert"')))
+    assert config.data.pipeline == "classification" and config.model.mode == "cls" and config.model.n_classes == 2
+    assert config.model.overrides() == {} and config.data.config.label_column == "label"

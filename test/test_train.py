@@ -1,5 +1,6 @@
 """Training end to end on a tiny model: DEBUG=1 overfits, a run is killed and resumes, its export loads anywhere."""
 
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,7 @@ def test_debug_fails_when_the_model_cannot_learn(tmp_path):
 
 def test_killed_run_resumes_and_exports_a_model_transformers_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from rafale.data.tokenizer import load_tokenizer
     from rafale.models import load_pretrained
 
     cache = tmp_path / "cache"
@@ -99,6 +101,12 @@ def test_killed_run_resumes_and_exports_a_model_transformers_loads(tmp_path):
 
     exported = cache / "checkpoints" / "tiny" / "model"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in exported.iterdir()}
+    # The trained BPE's <|endoftext|> (0) begins and ends documents; <|padding|> (1) pads.
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 0, 1)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|endoftext|>", "<|padding|>")
+    assert tokenizer("Once upon a time")["input_ids"] == load_tokenizer(str(exported)).encode("Once upon a time").ids
     ours = load_pretrained(exported)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))

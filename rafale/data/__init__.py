@@ -4,6 +4,14 @@ Importing this package is cheap: torch, datasets and tokenizers are imported by 
 """
 
 from rafale.data.cache import PreparedData, format_summary, prepare_data
-from rafale.data.collators import CausalLMCollator, build_dataloaders
+from rafale.data.collators import CausalLMCollator, ClassificationCollator, MLMCollator, build_dataloaders
 
-__all__ = ["CausalLMCollator", "PreparedData", "build_dataloaders", "format_summary", "prepare_data"]
+__all__ = [
+    "CausalLMCollator",
+    "ClassificationCollator",
+    "MLMCollator",
+    "PreparedData",
+    "build_dataloaders",
+    "format_summary",
+    "prepare_data",
+]

@@ -8,17 +8,30 @@ block is dropped (`tail: drop`) or kept as a shorter row (`tail: pad`) that the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rafale.config import DataSettings
 from rafale.errors import RafaleError
 
 if TYPE_CHECKING:
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
     from tokenizers import Tokenizer
 
 # The column that holds each document's token ids between tokenizing and chunking.
 TOKENS = "tokens"
+
+
+def prepare(documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings: DataSettings,
+            work: Path) -> tuple[dict[str, Dataset], dict[str, dict[str, int]], dict[str, Any]]:
+    """(blocks per split, their summary, what meta.json should add: nothing here)."""
+    splits, summary = {}, {}
+    for split, docs in documents.items():
+        tokens = tokenize(docs, settings.text_column, tokenizer, eos_id, settings.num_processes,
+                          work / f"{split}.arrow")
+        blocks, kept = chunk(tokens, settings, split)
+        splits[split] = blocks
+        summary[split] = {"documents": len(docs), "tokens": kept, "blocks": len(blocks)}
+    return splits, summary, {}
 
 
 def tokenize(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, num_processes: int,

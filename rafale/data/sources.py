@@ -32,7 +32,8 @@ KEY = "data.config.dataset_path"
 # The `datasets` builder that reads each kind of file; `.txt` files are read by `_text_documents`.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": None}
 TEXT_FORMATS = {".txt", ".jsonl", ".json"}
-SYNTHETIC_CORPORA = ("stories",)
+# The bundled corpora: stories (text) and sentiment (text and a "negative" / "positive" label).
+SYNTHETIC_CORPORA = ("stories", "sentiment")
 
 
 def is_synthetic(settings: DataSettings) -> bool:
@@ -168,12 +169,16 @@ def _load_hub(name: str) -> DatasetDict:
 def _synthetic(settings: DataSettings) -> DatasetDict:
     import datasets
 
+    from rafale.data.sentiment import generate_sentiment
     from rafale.data.synthetic import generate_stories
 
     corpus = settings.dataset_path[len(SYNTHETIC_PREFIX):]
     if corpus not in SYNTHETIC_CORPORA:
         raise RafaleError(f"{KEY}: unknown synthetic corpus {corpus!r}; valid: "
                           + ", ".join(SYNTHETIC_PREFIX + c for c in SYNTHETIC_CORPORA))
+    if corpus == "sentiment":
+        texts, labels = generate_sentiment(settings.synthetic_documents, settings.synthetic_seed)
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts, "label": labels})})
     stories = generate_stories(settings.synthetic_documents, settings.synthetic_seed)
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": stories})})
 
@@ -193,8 +198,10 @@ def _load_raw(settings: DataSettings, work_dir: Path) -> DatasetDict:
     return _load_files(_local_files(path), path, work_dir)
 
 
-def load_documents(settings: DataSettings, work_dir: Path) -> DatasetDict:
-    """The source's documents as "train" and "validation" splits holding only the text column.
+def load_documents(settings: DataSettings, work_dir: Path, extra_columns: dict[str, str] | None = None
+                   ) -> DatasetDict:
+    """The source's documents as "train" and "validation" splits holding only the text column, and the
+    `extra_columns` a pipeline needs (column -> the data.config key that names it, for errors).
 
     The source's own "validation" split is used where it has one; otherwise `validation_fraction` of the
     documents is carved from train: at random (with `split_seed`) when `shuffle_dataset`, else from its end.
@@ -207,19 +214,20 @@ def load_documents(settings: DataSettings, work_dir: Path) -> DatasetDict:
     if "train" not in raw:
         raise RafaleError(f"{KEY}: {source} has no 'train' split; splits: {', '.join(raw)}")
     column = settings.text_column
+    wanted = {column: "text_column", **(extra_columns or {})}
     splits = {}
     for split in ("train", "validation"):
         if split not in raw:
             continue
         names = raw[split].column_names
-        if column not in names:
-            raise RafaleError(f"data.config.text_column: column {column!r} not in {source}; "
-                              f"columns: {', '.join(names)}")
+        for name, key in wanted.items():
+            if name not in names:
+                raise RafaleError(f"data.config.{key}: column {name!r} not in {source}; columns: {', '.join(names)}")
         kind = getattr(raw[split].features[column], "dtype", "a nested value")
         if kind not in ("string", "large_string"):
             raise RafaleError(f"data.config.text_column: column {column!r} of {source} holds {kind}, not text")
         # Empty and whitespace-only documents (and missing values) would only add stray EOS tokens.
-        dataset = raw[split].select_columns([column]).filter(
+        dataset = raw[split].select_columns(list(wanted)).filter(
             lambda texts: [bool(text and not text.isspace()) for text in texts],
             input_columns=[column], batched=True, keep_in_memory=True)
         if settings.shuffle_dataset:

@@ -1,8 +1,11 @@
 """The tokenizer: loaded from a tokenizer.json, a folder or the hub, or trained on the fly and cached.
 
-A trained tokenizer is a byte-level BPE (no unknown tokens, any text round-trips) with "<|endoftext|>" as id 0
-and "<|padding|>" as id 1, as in GPT-NeoX. It is cached under `<cache>/tokenizers/` by a hash of the text it
-was trained on and its vocabulary size, so a dataset rebuilt with another block length reuses it.
+For the causal LM pipeline a trained tokenizer is a byte-level BPE (no unknown tokens, any text round-trips)
+with "<|endoftext|>" as id 0 and "<|padding|>" as id 1, as in GPT-NeoX. For the encoder pipelines (MLM,
+classification) it is a BERT-style WordPiece (cased) with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0 to 4 and
+BERT's post-processor ([CLS] A [SEP], [CLS] A [SEP] B [SEP] with segment ids). Either is cached under
+`<cache>/tokenizers/` by a hash of the text it was trained on, its kind and its vocabulary size, so a dataset
+rebuilt with another block length reuses it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ KEY = "data.config.tokenizer_path"
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 PAD_TOKENS = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
 TRAINED_SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
+# The kinds of tokenizer trained on the fly: the causal LM's, and the encoders' (which need [CLS], [SEP], [MASK]).
+BPE, WORDPIECE = "byte-level-bpe", "wordpiece"
+WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MASK_TOKENS = ("[MASK]", "<mask>")
 # Bump when the way tokenizers are trained changes, so that cached ones are not reused.
 TRAINER_VERSION = 1
 
@@ -43,21 +50,32 @@ def find_tokenizer_file(path: str) -> Optional[Path]:
     return None
 
 
-def tokenizer_name(settings: DataSettings) -> str:
-    """The readable name in the cache folder's name: configured, else from the path, else `bpe<vocab>`."""
+def trained_kind(pipeline: str) -> str:
+    """The kind of tokenizer a pipeline trains when none is given: encoders need BERT's special tokens."""
+    return BPE if pipeline == "causal_lm" else WORDPIECE
+
+
+def trained_name(vocab_size: int, pipeline: str) -> str:
+    """`bpe<vocab>` or `wordpiece<vocab>`: how a tokenizer trained on the fly is named."""
+    return f"{'bpe' if trained_kind(pipeline) == BPE else 'wordpiece'}{vocab_size}"
+
+
+def tokenizer_name(settings: DataSettings, pipeline: str = "causal_lm") -> str:
+    """The readable name in the cache folder's name: configured, else from the path, else `bpe<vocab>` (or
+    `wordpiece<vocab>`)."""
     if settings.tokenizer_name:
         return settings.tokenizer_name
     if settings.tokenizer_path is None:
-        return f"bpe{settings.vocab_size}"
+        return trained_name(settings.vocab_size, pipeline)
     path = Path(settings.tokenizer_path)
     name = path.parent.name if path.name == "tokenizer.json" else path.stem if path.suffix == ".json" else path.name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "tokenizer"
 
 
-def tokenizer_identity(settings: DataSettings) -> dict:
+def tokenizer_identity(settings: DataSettings, pipeline: str = "causal_lm") -> dict:
     """What identifies the tokenizer before it exists: the content of a file, a hub name, or how it is trained."""
     if settings.tokenizer_path is None:
-        return {"trained": "byte-level-bpe", "vocab_size": settings.vocab_size, "version": TRAINER_VERSION}
+        return {"trained": trained_kind(pipeline), "vocab_size": settings.vocab_size, "version": TRAINER_VERSION}
     file = find_tokenizer_file(settings.tokenizer_path)
     if file is None:
         return {"hub": settings.tokenizer_path}
@@ -102,23 +120,118 @@ def _text_hash(documents: Dataset, column: str) -> str:
     return digest.hexdigest()
 
 
-def train_tokenizer(documents: Dataset, column: str, vocab_size: int, readable: str) -> Tokenizer:
-    """A byte-level BPE trained on the documents' texts, or the cached one trained on the same texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(documents: Dataset, column: str, vocab_size: int, readable: str, kind: str = BPE) -> Tokenizer:
+    """A tokenizer of `kind` trained on the documents' texts, or the cached one trained on the same texts."""
+    from tokenizers import Tokenizer
 
-    key = hashlib.sha256(f"{_text_hash(documents, column)}-{vocab_size}-{TRAINER_VERSION}".encode()).hexdigest()
+    # The BPE's key predates the WordPiece: unchanged, so that tokenizers cached before stay valid.
+    kind_suffix = "" if kind == BPE else f"-{kind}"
+    text_hash = _text_hash(documents, column)
+    key = hashlib.sha256(f"{text_hash}-{vocab_size}-{TRAINER_VERSION}{kind_suffix}".encode()).hexdigest()
     cached = cache_root() / "tokenizers" / f"{readable}_{key[:8]}.json"
     if cached.is_file():
         return Tokenizer.from_file(str(cached))
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TRAINED_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer, trainer = _byte_level_bpe(vocab_size) if kind == BPE else _wordpiece(vocab_size)
     batches = (batch[column] for batch in documents.iter(batch_size=1000))
     tokenizer.train_from_iterator(batches, trainer=trainer, length=len(documents))
+    if kind == WORDPIECE:
+        # Set after training: the post-processor refers to the ids that training gave the special tokens.
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        from tokenizers import processors
+
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     tokenizer.save(str(partial))
     os.replace(partial, cached)
     return tokenizer
+
+
+def _byte_level_bpe(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TRAINED_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    return tokenizer, trainer
+
+
+def _wordpiece(vocab_size: int):
+    """BERT's tokenizer, cased: split on whitespace and punctuation, then WordPiece with `##` continuations."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIAL_TOKENS,
+                                        show_progress=False)
+    return tokenizer, trainer
+
+
+def special_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids of the tokenizer's special tokens ([CLS], [SEP], [PAD], [MASK], ...), sorted."""
+    return sorted(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+
+
+def mask_token_id(tokenizer: Tokenizer, where: str) -> int:
+    """The id of [MASK] or <mask>; masked language modelling cannot do without one."""
+    mask = next((tokenizer.token_to_id(t) for t in MASK_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    if mask is None:
+        raise RafaleError(f"{KEY}: {where} has no mask token ({', '.join(MASK_TOKENS)}), which MLM needs; use an "
+                          f"encoder's tokenizer or leave {KEY} unset to train one")
+    return mask
+
+
+def wrapping_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special tokens the post-processor puts around one text ([CLS] and [SEP], <s> and </s>,
+    or none)."""
+    encoding = tokenizer.encode("a", add_special_tokens=True)
+    special = encoding.special_tokens_mask
+    first = special.index(0)
+    last = len(special) - special[::-1].index(0)
+    return encoding.ids[:first], encoding.ids[last:]
+
+
+# The tokens that play each part, by the names transformers' tokenizer_config.json gives the parts.
+ROLE_TOKENS = {
+    "bos_token": ("<s>", "<|begin_of_text|>", "<bos>"),
+    "unk_token": ("[UNK]", "<unk>", "<|unk|>"),
+    "cls_token": ("[CLS]", "<s>"),
+    "sep_token": ("[SEP]", "</s>"),
+    "mask_token": MASK_TOKENS,
+}
+DECODER_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+ENCODER_ROLES = ("cls_token", "sep_token", "mask_token", "pad_token", "unk_token")
+
+
+def hf_tokenizer_config(tokenizer: Tokenizer, eos_id: int, pad_id: int, encoder: bool, max_length: int) -> dict:
+    """tokenizer_config.json for an exported model: transformers' AutoTokenizer then uses tokenizer.json as it is
+    (rather than rebuilding, say, a BertTokenizer from its vocabulary, which would lower-case), and knows which
+    token plays which part. A decoder's BOS is the EOS where the tokenizer has no BOS of its own (GPT-NeoX)."""
+    found = {role: next((t for t in names if tokenizer.token_to_id(t) is not None), None)
+             for role, names in ROLE_TOKENS.items()}
+    found["eos_token"] = tokenizer.id_to_token(eos_id)
+    found["pad_token"] = tokenizer.id_to_token(pad_id)
+    if not found["bos_token"]:
+        found["bos_token"] = found["eos_token"]
+    roles = {role: found[role] for role in (ENCODER_ROLES if encoder else DECODER_ROLES) if found[role]}
+    # Segment ids only where the post-processor gives a pair's second text its own (BERT's, not RoBERTa's).
+    segments = encoder and 1 in tokenizer.encode("a", "b").type_ids
+    inputs = ["input_ids", "token_type_ids", "attention_mask"] if segments else ["input_ids", "attention_mask"]
+    return {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "model_max_length": max_length,
+            "model_input_names": inputs, "clean_up_tokenization_spaces": False}
+
+
+def truncating_copy(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
+    """A copy that truncates to `max_length` tokens, special tokens included (the longer text first in a pair);
+    the original stays without truncation, as it is saved and exported."""
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.enable_truncation(max_length=max_length, strategy="longest_first")
+    return copy

@@ -150,6 +150,23 @@ def generate_text(
     return results
 
 
+@torch.no_grad()
+def fill_mask(model, tokenizer, prompts: list[str], mask_token_id: int, top_k: int = 5) -> list[dict]:
+    """A masked LM's best guesses for the first mask token of each prompt (one is appended where there is none):
+    [{"prompt", "guesses": [(token, probability), ...]}, ...]."""
+    mask_token = tokenizer.id_to_token(mask_token_id)
+    results = []
+    for prompt in prompts:
+        text = prompt if mask_token in prompt else f"{prompt} {mask_token}"
+        ids = torch.tensor([tokenizer.encode(text).ids], device=next(model.parameters()).device)
+        at = (ids[0] == mask_token_id).nonzero()[0, 0]
+        probabilities = model(ids)[0, at].float().softmax(-1)
+        best = probabilities.topk(top_k)
+        guesses = [(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(best.values, best.indices)]
+        results.append({"prompt": text, "guesses": guesses})
+    return results
+
+
 def generate_from_folder(path: str | Path, prompts: list[str], **options) -> list[dict]:
     """generate_text with the model and tokenizer.json of a Hugging Face folder, or of a run folder's `model/`."""
     from tokenizers import Tokenizer
@@ -163,6 +180,10 @@ def generate_from_folder(path: str | Path, prompts: list[str], **options) -> lis
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
         raise RafaleError(f"{folder / TOKENIZER_FILE}: not a valid tokenizer file ({e})") from None
     model = load_pretrained(folder)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        # Token ids past the embedding table would fail deep inside the forward pass.
+        raise RafaleError(f"{folder / TOKENIZER_FILE}: has {tokenizer.get_vocab_size()} tokens but the model's "
+                          f"vocabulary is {model.config.vocab_size}; this tokenizer does not belong to this model")
     if torch.cuda.is_available():
         model = model.cuda()
     return generate_text(model, tokenizer, prompts, **options)

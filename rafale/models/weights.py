@@ -26,6 +26,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 # DecoderConfig.family / EncoderConfig.family -> its module. A new family is one file and one line here
 # (BERT and RoBERTa share bert.py).
@@ -194,8 +196,12 @@ def _export_family(config: DecoderConfig | EncoderConfig) -> tuple[ModuleType, d
     raise RafaleError(f"{'; '.join(refusals)}: no Hugging Face class has this combination of settings")
 
 
-def save_pretrained(model: Decoder | Encoder, folder: str | Path, tokenizer=None) -> Path:
+def save_pretrained(model: Decoder | Encoder, folder: str | Path, tokenizer=None, tokenizer_config: dict | None = None,
+                    config_extras: dict | None = None) -> Path:
     """Write config.json, model.safetensors (and tokenizer.json) so that transformers can load the model.
+
+    `tokenizer_config` is written as tokenizer_config.json, its `*_token` entries also as special_tokens_map.json;
+    `config_extras` (a decoder's bos, eos and pad token ids) are added to config.json.
 
     Written into a temporary folder beside the target and renamed when complete: an existing model folder is
     replaced only once the new one is whole. A non-empty folder that is not a model folder is never replaced.
@@ -208,6 +214,7 @@ def save_pretrained(model: Decoder | Encoder, folder: str | Path, tokenizer=None
     config = model.config
     family, hf_config = _export_family(config)
     hf_config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf_config.update(config_extras or {})
     state = model.state_dict()
     tensors = {}
     for ours, theirs in family.weight_names(config).items():
@@ -224,6 +231,10 @@ def save_pretrained(model: Decoder | Encoder, folder: str | Path, tokenizer=None
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
+        if tokenizer_config is not None:
+            special = {key: value for key, value in tokenizer_config.items() if key.endswith("_token")}
+            (staging / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+            (staging / SPECIAL_TOKENS_FILE).write_text(json.dumps(special, indent=2) + "\n")
         if folder.exists():
             old = staging.with_name(staging.name + ".old")
             folder.rename(old)
