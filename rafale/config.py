@@ -23,9 +23,11 @@ TIME_PATTERN = re.compile(r"^\d+(ba|ep|tok|sp|dur)$")
 SYNTHETIC_PREFIX = "synthetic:"
 
 SCHEDULES = ("cosine-warmup", "linear-warmup", "constant-warmup", "warmup-stable-decay")
-PIPELINES = ("causal_lm",)
+PIPELINES = ("causal_lm", "mlm", "classification")
 # The original's pipeline names, kept so its run files still work.
-PIPELINE_ALIASES = {"tinystories_neox": "causal_lm"}
+PIPELINE_ALIASES = {"tinystories_neox": "causal_lm", "imdb_bert": "classification"}
+# What an encoder learns (model.mode, the original's names) and the pipeline that prepares its data.
+MODE_PIPELINES = {"mlm": "mlm", "cls": "classification"}
 OPTIMIZERS = ("adamw",)
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -82,6 +84,9 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
     compile: bool = False
+    # With several processes (the `composer -n N` launcher): "ddp" keeps a whole model per GPU, "fsdp" shards
+    # parameters, gradients and optimizer state across GPUs (GPUs only). One process trains on one device either way.
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     # Where checkpoints and the exported model go; default: <cache>/checkpoints/<name>.
     checkpoint_dir: Optional[str] = None
     # Steps that DEBUG=1 spends overfitting its single batch.
@@ -115,7 +120,13 @@ class ModelConfig(Section):
     """`model:` a preset, optionally changed key by key, and where pretrained weights come from."""
 
     config: str = Field(min_length=1)
-    type: Literal["decoder"] = "decoder"
+    # "decoder" (a causal LM) or "encoder" (BERT, RoBERTa); the preset must be of that kind.
+    type: Literal["decoder", "encoder"] = "decoder"
+    # Encoders only: "mlm" (masked language modelling) or "cls" (sequence classification). Unset: the one that
+    # data.pipeline prepares for.
+    mode: Optional[Literal["mlm", "cls"]] = None
+    # Classes of a "cls" encoder: as many as the data's label names, or more than its largest integer label.
+    n_classes: Annotated[int, Field(ge=2)] = 2
     use_pretrained: bool = False
     # A Hugging Face-format folder (or hub name) whose weights are loaded when use_pretrained is true.
     pretrained_path: Optional[str] = None
@@ -148,7 +159,7 @@ class ModelConfig(Section):
 
     def overrides(self) -> dict[str, Any]:
         """The architecture keys the run file sets, to apply on top of the preset."""
-        skip = {"config", "type", "use_pretrained", "pretrained_path"}
+        skip = {"config", "type", "mode", "n_classes", "use_pretrained", "pretrained_path"}
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
 
@@ -171,6 +182,7 @@ class DataSettings(Section):
     # The last partial block of each split: dropped, or kept and padded (padding never counts in the loss).
     tail: Literal["drop", "pad"] = "drop"
     num_processes: PositiveInt = 1
+    # Global batch sizes: with several training processes each takes an equal share, so they must divide evenly.
     train_batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 16
     # Shuffle the documents once before the validation split is carved and tokens are concatenated.
@@ -191,6 +203,14 @@ class DataSettings(Section):
     input_id_key: str = "input_ids"
     # The original's flag: dataset_path already holds a dataset that rafale prepared.
     is_prepared: bool = False
+    # classification: the column of labels (names or integers), and an optional second text (sentence pairs).
+    label_column: str = "label"
+    text_pair_column: Optional[str] = None
+    # mlm: the fraction of tokens to predict (of those, 80% become the mask token, 10% a random token, 10% stay).
+    mlm_probability: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    # mlm: "chunk" concatenates the documents and cuts blocks of max_sequence_length; "truncate" keeps one row
+    # per document, cut to max_sequence_length.
+    mlm_truncate: Literal["chunk", "truncate"] = "chunk"
 
     @field_validator("pad_token_id")
     @classmethod
@@ -233,6 +253,27 @@ class RunFile(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     # Where the run file lives; relative paths in it were resolved against this folder.
     source: Optional[Path] = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _model_fits_pipeline(self) -> "RunFile":
+        """A decoder learns from causal_lm data; an encoder's mode from the pipeline of the same name."""
+        model, pipeline = self.model, self.data.pipeline
+        if model.type == "decoder":
+            if model.mode is not None:
+                raise ValueError("model.mode: only encoders have a mode (model.type is 'decoder')")
+            if pipeline != "causal_lm":
+                raise ValueError(f"data.pipeline: {pipeline!r} needs model.type 'encoder' "
+                                 "(a decoder needs 'causal_lm')")
+            return self
+        if model.mode is not None and MODE_PIPELINES[model.mode] != pipeline:
+            raise ValueError(f"model.mode: {model.mode!r} needs data.pipeline {MODE_PIPELINES[model.mode]!r} "
+                             f"(got {pipeline!r})")
+        if pipeline == "causal_lm":
+            raise ValueError("data.pipeline: 'causal_lm' needs model.type 'decoder' (an encoder needs 'mlm' or "
+                             "'classification')")
+        if model.mode is None:
+            model.mode = next(mode for mode, wanted in MODE_PIPELINES.items() if wanted == pipeline)
+        return self
 
 
 def _choice(value: str, valid: tuple[str, ...], what: str) -> str:
@@ -285,13 +326,15 @@ def _format_error(file: Path, error: dict[str, Any]) -> str:
         return f"{file}: {key}: required key is missing"
     message = error["msg"]
     message = re.sub(r"^(Value error|Assertion failed), ", "", message)
-    message = re.sub(r"^Input should be greater than (\S+)", r"must be > \1", message)
+    # "or equal" first: the shorter patterns would match its start.
     message = re.sub(r"^Input should be greater than or equal to (\S+)", r"must be >= \1", message)
-    message = re.sub(r"^Input should be less than (\S+)", r"must be < \1", message)
     message = re.sub(r"^Input should be less than or equal to (\S+)", r"must be <= \1", message)
+    message = re.sub(r"^Input should be greater than (\S+)", r"must be > \1", message)
+    message = re.sub(r"^Input should be less than (\S+)", r"must be < \1", message)
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], (dict, list)):
         message += f" (got {error['input']!r})"
-    return f"{file}: {key}: {message}"
+    # A check across sections (the whole file's) names its keys itself.
+    return f"{file}: {key}: {message}" if key else f"{file}: {message}"
 
 
 def _suggestion(loc: tuple) -> str:
@@ -337,7 +380,20 @@ def load_run_file(path: Union[str, Path]) -> RunFile:
         config.run.checkpoint_dir = str((base / os.path.expanduser(config.run.checkpoint_dir)).resolve())
     config.logging.log_dir = str((base / os.path.expanduser(config.logging.log_dir)).resolve())
     config.source = file.resolve()
+    _check_batches_divide(config, file)
     return config
+
+
+def _check_batches_divide(config: RunFile, file: Path) -> None:
+    """Batch sizes are global: under a launcher (WORLD_SIZE set), every process takes an equal share of each."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for key in ("train_batch_size", "eval_batch_size"):
+        size = getattr(config.data.config, key)
+        if size % world:
+            raise ConfigError(
+                f"{file}: data.config.{key}: {size} is a global batch size and must divide evenly among the "
+                f"{world} processes"
+            )
 
 
 def cache_root() -> Path:

@@ -25,10 +25,14 @@ from torch.utils.data import DataLoader, Subset
 
 from rafale.config import RunFile, cache_root
 from rafale.data import PreparedData, build_dataloaders, format_summary, prepare_data
+from rafale.data.cache import ready_file
+from rafale.data.tokenizer import mask_token_id
 from rafale.errors import RafaleError
-from rafale.models import build_model, load_weights, save_pretrained
-from rafale.models.generate import generate_text
-from rafale.tasks import ComposerLM
+from rafale.export import export_model
+from rafale.models import bert, build, build_model, load_weights
+from rafale.models.generate import fill_mask, generate_text
+from rafale.safety import checkpoint_callbacks
+from rafale.tasks import for_pipeline
 
 # A trained-from-scratch model's vocabulary is the tokenizer's, rounded up so matmuls stay aligned.
 VOCAB_MULTIPLE = 64
@@ -51,12 +55,19 @@ class WarmupStableDecayScheduler(ComposerScheduler):
         return 1.0 - (1.0 - self.min_lr_ratio) * progress
 
 
+# How the console names each task's eval metrics (tasks.py).
+METRIC_NAMES = {"LanguageCrossEntropy": "cross-entropy", "LanguagePerplexity": "perplexity",
+                "MaskedAccuracy": "masked accuracy", "MulticlassAccuracy": "accuracy", "MulticlassF1Score": "F1"}
+
+
 class ConsoleProgress(LoggerDestination):
-    """One line every `interval` batches (loss, learning rate, tokens per second) and one per evaluation."""
+    """One line every `interval` batches (loss, learning rate, tokens per second) and one per evaluation, which
+    it keeps in `eval_metrics`."""
 
     def __init__(self, interval: int):
         self.interval = interval
         self.latest: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         self.latest.update(metrics)
@@ -73,14 +84,15 @@ class ConsoleProgress(LoggerDestination):
         speed_text = f"  {speed:,.0f} tok/s" if speed else ""
         mfu = self.latest.get("throughput/device/mfu")
         mfu_text = f"  MFU {100 * mfu:.1f}%" if mfu else ""
-        _say(f"[batch {where}] loss {float(state.loss):.4f}  lr {learning_rate:.2e}{speed_text}{mfu_text}")
+        # Composer's total loss is averaged over every rank's share of the batch; state.loss is this rank's alone.
+        loss = state.total_loss_dict["loss/train/total"]
+        _say(f"[batch {where}] loss {loss:.4f}  lr {learning_rate:.2e}{speed_text}{mfu_text}")
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        metrics = {name: float(metric.compute()) for name, metric in state.eval_metrics["eval"].items()}
-        _say(
-            f"[eval at batch {int(state.timestamp.batch)}] cross-entropy {metrics['LanguageCrossEntropy']:.4f}"
-            f"  perplexity {metrics['LanguagePerplexity']:.2f}"
-        )
+        # Every rank computes (the metrics sync across ranks); the line and `eval_metrics` are the same on each.
+        self.eval_metrics = {name: float(metric.compute()) for name, metric in state.eval_metrics["eval"].items()}
+        scores = "  ".join(f"{METRIC_NAMES.get(name, name)} {value:.4f}" for name, value in self.eval_metrics.items())
+        _say(f"[eval at batch {int(state.timestamp.batch)}] {scores}")
 
 
 class LossHistory(Callback):
@@ -105,15 +117,53 @@ def build_language_model(config: RunFile, prepared: PreparedData) -> torch.nn.Mo
     tokenizer_vocab = prepared.tokenizer.get_vocab_size()
     if "vocab_size" not in overrides and not config.model.use_pretrained:
         overrides["vocab_size"] = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if config.model.type == "encoder":
+        overrides.update(_encoder_overrides(config, prepared))
+    elif config.model.config in bert.PRESETS:
+        raise RafaleError(f"{config.source}: model.config: {config.model.config!r} is an encoder preset; set "
+                          f"model.type: 'encoder' and data.pipeline 'mlm' or 'classification'")
     model = build_model(config.model.config, overrides)
     if tokenizer_vocab > model.config.vocab_size:
         raise RafaleError(
             f"{config.source}: the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
             f"{model.config.vocab_size}; raise model.vocab_size or use a smaller tokenizer"
         )
+    if config.model.type == "encoder":
+        _check_positions(config, model.config)
     if config.model.use_pretrained:
-        load_weights(model, config.model.pretrained_path)
+        fresh = load_weights(model, config.model.pretrained_path)
+        if fresh:
+            _say(f"model: {', '.join(fresh)} not in {config.model.pretrained_path}: they start as initialised")
     return model
+
+
+def _encoder_overrides(config: RunFile, prepared: PreparedData) -> dict[str, Any]:
+    """The head the run file's mode asks for (with the data's class names), and the tokenizer's padding id."""
+    if config.model.config not in bert.PRESETS:
+        raise RafaleError(f"{config.source}: model.config: {config.model.config!r} is not an encoder preset; valid: "
+                          f"{', '.join(bert.PRESETS)}")
+    overrides: dict[str, Any] = {"pad_token_id": prepared.pad_token_id}
+    if config.model.mode == "mlm":
+        return {**overrides, "head": "mlm"}
+    names, classes = list(prepared.labels), config.model.n_classes
+    # Class i named "i" (integer labels): classes the data lacks are named the same way. Named classes must match.
+    if names == [str(i) for i in range(len(names))] and len(names) < classes:
+        names += [str(i) for i in range(len(names), classes)]
+    if len(names) != classes:
+        raise RafaleError(f"{config.source}: model.n_classes: {classes}, but the data has {len(names)} classes "
+                          f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    return {**overrides, "head": "classification", "num_labels": classes, "id2label": dict(enumerate(names))}
+
+
+def _check_positions(config: RunFile, model_config: bert.EncoderConfig) -> None:
+    """Rows must fit the position table: RoBERTa's positions start after the padding id."""
+    usable = model_config.max_position_embeddings
+    if model_config.family == "roberta":
+        usable -= model_config.pad_token_id + 1
+    if config.data.config.max_sequence_length > usable:
+        raise RafaleError(f"{config.source}: data.config.max_sequence_length: {config.data.config.max_sequence_length} "
+                          f"is longer than the model's {usable} positions; lower it or raise "
+                          f"model.max_position_embeddings")
 
 
 def _decoupled_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -162,11 +212,57 @@ def _device_and_precision(config: RunFile) -> tuple[str, str]:
     return device, precision
 
 
+def _parallelism_config(config: RunFile, device: str) -> Optional[dict]:
+    """Composer's FSDP settings for run.parallelism "fsdp"; None for "ddp", which Composer applies by itself
+    whenever the launcher starts more than one process."""
+    if config.run.parallelism == "ddp":
+        return None
+    if device != "gpu":
+        raise RafaleError(f"{config.source}: run.parallelism: 'fsdp' needs GPUs; use 'ddp' on CPU")
+    return {
+        "fsdp": {
+            "sharding_strategy": "FULL_SHARD",
+            # The optimizer's two parameter groups (with and without weight decay) survive the wrapping.
+            "use_orig_params": True,
+            # Checkpoints hold the whole model on rank 0, so they resume on any number of GPUs, with or without
+            # FSDP, like any other checkpoint.
+            "state_dict_type": "full",
+        }
+    }
+
+
+def _shard_by_block(model: torch.nn.Module) -> None:
+    """Make each transformer block its own FSDP unit, gathered for its forward and backward and freed after:
+    Composer wraps the modules for which the wrapped model's `fsdp_wrap_fn` says True."""
+    blocks = set(model.blocks)
+    model.fsdp_wrap_fn = lambda module: module in blocks
+
+
+def _whole_model(trainer: Trainer, model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The trained model, whole, on rank 0 (None on the other ranks).
+
+    Under FSDP every rank holds a shard of each parameter: they are gathered onto rank 0's CPU into a plain copy,
+    which every rank must take part in. Otherwise rank 0's own model is already whole.
+    """
+    if not trainer.state.fsdp_enabled:
+        return model if dist.get_global_rank() == 0 else None
+    from composer.checkpoint.state_dict import get_model_state_dict
+
+    # The FSDP root is the ComposerModel's child: its keys are the model's own.
+    state = get_model_state_dict(trainer.state.model.model, sharded_state_dict=False, cpu_offload=True)
+    if dist.get_global_rank() != 0:
+        return None
+    whole = build(model.config)
+    whole.load_state_dict(state)
+    return whole
+
+
 def _microbatch_size(config: RunFile, device: str) -> Any:
     device_bs = config.run.device_bs
-    batch_size = config.data.config.train_batch_size
+    # Composer's microbatches split each process's share of the global batch.
+    batch_size = config.data.config.train_batch_size // dist.get_world_size()
     if device_bs == "auto" and device == "cpu":
-        _say(f"run.device_bs: 'auto' needs a GPU; on CPU the whole batch of {batch_size} runs at once")
+        _say(f"run.device_bs: 'auto' needs a GPU; on CPU each process runs its {batch_size} rows of a batch at once")
         return batch_size
     return device_bs
 
@@ -220,10 +316,25 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def print_samples(model: torch.nn.Module, prepared: PreparedData, config: RunFile) -> None:
+def print_samples(model: torch.nn.Module, prepared: PreparedData, config: RunFile,
+                  eval_metrics: dict[str, float]) -> None:
+    """What the model learned: its continuations of the sample prompts (causal LM), its guesses for a mask
+    token at their end (MLM), or its final validation scores (classification)."""
+    if prepared.pipeline == "classification":
+        if eval_metrics:  # none when a finished run is started again
+            _say(f"validation: accuracy {eval_metrics['MulticlassAccuracy']:.4f}  "
+                 f"F1 {eval_metrics['MulticlassF1Score']:.4f}")
+        return
     if not config.run.sample_prompts or config.run.sample_max_new_tokens == 0:
         return
     model.eval()
+    if prepared.pipeline == "mlm":
+        mask_id = mask_token_id(prepared.tokenizer, str(prepared.tokenizer_file))
+        _say("fill-mask:")
+        for result in fill_mask(model, prepared.tokenizer, config.run.sample_prompts, mask_id):
+            guesses = ", ".join(f"{token!r} {probability:.2f}" for token, probability in result["guesses"])
+            _say(f"  {result['prompt']} -> {guesses}")
+        return
     samples = generate_text(
         model,
         prepared.tokenizer,
@@ -243,8 +354,13 @@ def print_samples(model: torch.nn.Module, prepared: PreparedData, config: RunFil
 def train_run(config: RunFile) -> Path:
     """The whole run: data, model, Trainer with autoresume, export, samples. Returns the run's folder."""
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")  # a short last eval batch is fine
+    device, precision = _device_and_precision(config)
+    parallelism = _parallelism_config(config, device)
     reproducibility.seed_all(config.run.seed)
-    prepared = prepare_data(config)
+    # Under the launcher only each node's first process tokenizes; the others wait for its finished cache, then
+    # read it. A wait for a file, not a barrier: a collective would time out on a build longer than its timeout.
+    with dist.local_rank_zero_download_and_wait(str(ready_file(config))):
+        prepared = prepare_data(config)
     _say(format_summary(prepared))
     train_loader, eval_loader = build_dataloaders(prepared, config.data.config, config.run.seed)
     if len(train_loader) == 0:
@@ -253,10 +369,12 @@ def train_run(config: RunFile) -> Path:
     reproducibility.seed_all(config.run.seed)
     model = build_language_model(config, prepared)
     _say(f"model: {config.model.config}, {model.num_parameters() / 1e6:.2f}M parameters")
-    device, precision = _device_and_precision(config)
+    if parallelism:
+        _shard_by_block(model)
     folder = run_folder(config)
+    progress = ConsoleProgress(config.logging.log_interval)
     trainer = Trainer(
-        model=ComposerLM(model),
+        model=for_pipeline(config.data.pipeline, model),
         train_dataloader=_data_spec(train_loader),
         eval_dataloader=_data_spec(eval_loader),
         max_duration=_max_duration(config, len(train_loader)),
@@ -265,20 +383,18 @@ def train_run(config: RunFile) -> Path:
         step_schedulers_every_batch=True,
         algorithms=_algorithms(config),
         eval_interval=config.run.eval_interval,
-        callbacks=_callbacks(),
-        loggers=[ConsoleProgress(config.logging.log_interval), *_loggers(config)],
+        # Checkpoints: Composer's saver, made atomic, plus safe resumption and clean stops (safety.py).
+        callbacks=[*_callbacks(), *checkpoint_callbacks(config, folder / "checkpoints")],
+        loggers=[progress, *_loggers(config)],
         run_name=config.run.name,
         progress_bar=False,
         log_to_console=False,
-        save_folder=str(folder / "checkpoints"),
-        save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
-        save_interval=config.run.save_interval,
-        save_num_checkpoints_to_keep=config.run.save_num_checkpoints_to_keep,
         autoresume=True,
         device=device,
         precision=precision,
         device_train_microbatch_size=_microbatch_size(config, device),
         compile_config={} if config.run.compile else None,
+        parallelism_config=parallelism,
         seed=config.run.seed,
     )
     resumed_at = int(trainer.state.timestamp.batch)
@@ -286,13 +402,16 @@ def train_run(config: RunFile) -> Path:
         _say(f"resumed from the latest checkpoint in {folder / 'checkpoints'} at batch {resumed_at}")
     else:
         trainer.eval()
-    trainer.fit()
+    # A run that died after its last checkpoint (while exporting, say) has nothing left to train: it only exports.
+    if trainer.state.timestamp < trainer.state.max_duration:
+        trainer.fit()
     trainer.close()
 
-    if dist.get_global_rank() == 0:
-        save_pretrained(model, folder / "model", tokenizer=prepared.tokenizer_file)
+    whole = _whole_model(trainer, model)
+    if whole is not None:
+        export_model(whole, folder / "model", prepared, config)
         _say(f"model exported to {folder / 'model'}")
-        print_samples(model, prepared, config)
+        print_samples(whole, prepared, config, progress.eval_metrics)
     return folder
 
 
@@ -309,7 +428,8 @@ def debug_run(config: RunFile) -> bool:
     prepared = prepare_data(config)
     train_loader, _ = build_dataloaders(prepared, config.data.config, config.run.seed)
     rows = min(config.data.config.train_batch_size, len(train_loader.dataset))
-    # The same single batch for training and eval, as a real DataLoader so Composer knows its batch size.
+    # The same single batch for training and eval, as a real DataLoader so Composer knows its batch size. MLM
+    # masking is seeded by the batch's ids, so it is also the same masked batch at every step: a fixed target.
     first_rows = Subset(train_loader.dataset, range(rows))
     one_batch = DataLoader(first_rows, batch_size=rows, collate_fn=train_loader.collate_fn)
     model = build_language_model(config, prepared)
@@ -317,7 +437,7 @@ def debug_run(config: RunFile) -> bool:
     steps = config.run.debug_steps
     history = LossHistory()
     trainer = Trainer(
-        model=ComposerLM(model),
+        model=for_pipeline(config.data.pipeline, model),
         train_dataloader=_data_spec(one_batch),
         eval_dataloader=_data_spec(one_batch),
         max_duration=f"{steps}ba",
