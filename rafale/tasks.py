@@ -55,13 +55,18 @@ class ComposerLM(_Task):
                                  "LanguagePerplexity": LanguagePerplexity()})
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = outputs[:, :-1].flatten(0, 1)
-        labels = batch["labels"][:, 1:].flatten()
-        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        # Shift the labels, not the logits: slicing the [batch, time, vocab] logits would copy them, and the
+        # slice's backward would fill a zero gradient of the same size. The last position predicts nothing.
+        labels = next_token_labels(batch["labels"])
+        return F.cross_entropy(outputs.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric) -> None:
-        logits = outputs[:, :-1].reshape(-1, outputs.shape[-1]).float()
-        metric.update(logits, batch["labels"][:, 1:].reshape(-1))
+        metric.update(outputs.flatten(0, 1).float(), next_token_labels(batch["labels"]).flatten())
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, T] -> the label each position predicts: the next token's, and IGNORE_INDEX at the end."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 class ComposerMLM(_EncoderTask):

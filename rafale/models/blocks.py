@@ -75,7 +75,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     first, second = rot.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
     rot = (rot.float() * cos + rotated.float() * sin).to(x.dtype)
-    return torch.cat((rot, rest), dim=-1)
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
 class KVCache:
@@ -119,13 +119,12 @@ class Attention(nn.Module):
     def forward(self, x, rotary=None, mask=None, is_causal=False, cache: KVCache | None = None):
         """x [B, T, C]; rotary (cos, sin) or None; mask [B, 1, T, S] bool (True = attend) or None."""
         B, T, _ = x.shape
-        sizes = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
-        q, k, v = self.qkv(x).split(sizes, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        heads = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        queries_and_keys, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            # Queries and keys rotate alike: one call for both halves the small ops of a decoding step.
+            queries_and_keys = apply_rotary(queries_and_keys, *rotary)
+        q, k = queries_and_keys.split([self.n_heads, self.n_kv_heads], dim=1)
         if cache is not None:
             k, v = cache.update(k, v)
         if self.n_kv_heads != self.n_heads:

@@ -140,7 +140,17 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab].
+        """input_ids [B, T] -> logits [B, T, vocab]."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> the final norm's output [B, T, hidden], which the LM head reads.
 
         attention_mask [B, past+T]: 1 = real token, 0 = padding, covering cached positions too.
         Without position_ids, positions count real tokens only (as transformers' generate does), so a left-padded
@@ -172,7 +182,7 @@ class Decoder(nn.Module):
 
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, mask, is_causal, kv_cache[i] if kv_cache is not None else None)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
         """An empty cache, one KVCache per layer, for generating up to max_len positions."""
