@@ -38,11 +38,14 @@ def tokenize(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int,
              cache_file: Path) -> Dataset:
     """One row of int32 token ids per document, EOS appended; written to `cache_file` (and its shards)."""
     import datasets
+    import pyarrow as pa
 
-    def encode(texts: list[str]) -> dict[str, list[list[int]]]:
+    def encode(texts: list[str]) -> pa.Table:
         # No special tokens: a BERT-style tokenizer would wrap every document in [CLS] ... [SEP].
         encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        return {TOKENS: [encoding.ids + [eos_id] for encoding in encodings]}
+        # An Arrow table, not Python lists: datasets writes it as is, without converting row by row.
+        ids = pa.array([encoding.ids + [eos_id] for encoding in encodings], type=pa.list_(pa.int32()))
+        return pa.table({TOKENS: ids})
 
     return documents.map(encode, input_columns=[column], batched=True, remove_columns=documents.column_names,
                          num_proc=num_processes if num_processes > 1 else None,
