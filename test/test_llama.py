@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from reference_checks import TOLERANCE, check_left_padded_batch, max_diff
 
 from rafale.errors import RafaleError
 from rafale.models import build_model, generate, llama, load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
-TOLERANCE = 1e-4
 # Chosen so that a 16-wide head's 8 frequencies fall in all three bands: kept (wavelength under 64 / 4 positions),
 # divided by factor (over 64 / 1), blended in between.
 LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
@@ -33,10 +33,6 @@ def reference_model(**overrides):
     )
     settings.update(overrides)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize(
@@ -94,20 +90,7 @@ def test_older_config_style_loads(tmp_path):
 def test_left_padded_batch(tmp_path):
     reference = reference_model(num_key_value_heads=2)
     reference.save_pretrained(tmp_path)
-    model = load_pretrained(tmp_path)
-    input_ids = torch.randint(1, 128, (3, 12), generator=torch.Generator().manual_seed(2))
-    pads = [0, 5, 11]
-    attention_mask = (torch.arange(12)[None] >= torch.tensor(pads)[:, None]).long()
-    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    # transformers' forward counts positions from 0 whatever the mask; its generate derives them from the mask.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours = model(input_ids, attention_mask)
-        theirs = reference(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        assert not ours.isnan().any()
-        for row, pad in enumerate(pads):
-            assert max_diff(ours[row, pad:], theirs[row, pad:]) <= TOLERANCE
-            assert max_diff(ours[row, pad:], model(input_ids[row : row + 1, pad:])[0]) <= TOLERANCE
+    check_left_padded_batch(load_pretrained(tmp_path), reference)
 
 
 @pytest.fixture(scope="module")

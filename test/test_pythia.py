@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from reference_checks import TOLERANCE, check_left_padded_batch, max_diff
 from safetensors.torch import load_file, save_file
 
 from rafale.errors import RafaleError
 from rafale.models import PRESETS, build_model, load_pretrained, load_weights, save_pretrained
 
 transformers = pytest.importorskip("transformers")
-
-TOLERANCE = 1e-4
 
 
 def reference_model(**overrides):
@@ -30,10 +29,6 @@ def reference_model(**overrides):
     )
     settings.update(overrides)
     return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**settings)).eval()
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize(
@@ -59,21 +54,7 @@ def test_logits_match_transformers(tmp_path, overrides):
 def test_left_padded_batch(tmp_path):
     reference = reference_model()
     reference.save_pretrained(tmp_path)
-    model = load_pretrained(tmp_path)
-    input_ids = torch.randint(1, 128, (3, 12), generator=torch.Generator().manual_seed(2))
-    pads = [0, 5, 11]
-    attention_mask = (torch.arange(12)[None] >= torch.tensor(pads)[:, None]).long()
-    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    # transformers' forward counts positions from 0 whatever the mask; its generate derives them from the mask.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours = model(input_ids, attention_mask)
-        theirs = reference(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        assert not ours.isnan().any()
-        for row, pad in enumerate(pads):
-            assert max_diff(ours[row, pad:], theirs[row, pad:]) <= TOLERANCE
-            alone = model(input_ids[row : row + 1, pad:])
-            assert max_diff(ours[row, pad:], alone[0]) <= TOLERANCE
+    check_left_padded_batch(load_pretrained(tmp_path), reference)
 
 
 def test_sharded_checkpoint_loads(tmp_path):

@@ -1,0 +1,26 @@
+"""Comparisons against a `transformers` reference model that every decoder family's tests share."""
+
+import torch
+
+TOLERANCE = 1e-4
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def check_left_padded_batch(model, reference, vocab_size: int = 128) -> None:
+    """A left-padded batch: each row's real positions match the reference's and the row run alone, with no NaN."""
+    input_ids = torch.randint(1, vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    pads = [0, 5, 11]
+    attention_mask = (torch.arange(12)[None] >= torch.tensor(pads)[:, None]).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    # transformers' forward counts positions from 0 whatever the mask; its generate derives them from the mask.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask)
+        theirs = reference(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        assert not ours.isnan().any()
+        for row, pad in enumerate(pads):
+            assert max_diff(ours[row, pad:], theirs[row, pad:]) <= TOLERANCE
+            assert max_diff(ours[row, pad:], model(input_ids[row : row + 1, pad:])[0]) <= TOLERANCE
