@@ -86,9 +86,11 @@ def plain_loop(model, loader, device, amp: bool, loss_of) -> float:
 
 
 def rafale_loss(model, batch):
-    from rafale.tasks import ComposerLM
+    """The loss as rafale's ComposerLM computes it: the model returns it, head and cross-entropy fused."""
+    from rafale.tasks import next_token_labels
 
-    return ComposerLM.loss(None, model(batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
+    labels = next_token_labels(batch["labels"])
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
 
 
 def hf_loss(model, batch):

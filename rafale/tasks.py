@@ -48,24 +48,34 @@ class _EncoderTask(_Task):
 
 
 class ComposerLM(_Task):
-    """A causal LM for Composer: forward, next-token loss, and eval metrics (cross-entropy, perplexity)."""
+    """A causal LM for Composer: forward, next-token loss, and eval metrics (cross-entropy, perplexity).
+
+    In training the model returns the loss itself (its head and cross-entropy fused, models/loss.py), so the
+    [batch, time, vocab] logits are never kept; evaluation asks for the logits, which the metrics read.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model, {"LanguageCrossEntropy": LanguageCrossEntropy(),
                                  "LanguagePerplexity": LanguagePerplexity()})
 
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Shift the labels, not the logits: slicing the [batch, time, vocab] logits would copy them, and the
-        # slice's backward would fill a zero gradient of the same size. The last position predicts nothing.
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = next_token_labels(batch["labels"])
-        return F.cross_entropy(outputs.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+
+    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Optional[Any] = None) -> torch.Tensor:
+        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs
 
     def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric) -> None:
         metric.update(outputs.flatten(0, 1).float(), next_token_labels(batch["labels"]).flatten())
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
-    """labels [B, T] -> the label each position predicts: the next token's, and IGNORE_INDEX at the end."""
+    """labels [B, T] -> the label each position predicts: the next token's, and IGNORE_INDEX at the end.
+
+    Shifting the labels, not the logits, spares a copy of the [batch, time, vocab] logits."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 

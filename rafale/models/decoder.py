@@ -13,6 +13,7 @@ from torch import nn
 
 from rafale.errors import RafaleError
 from rafale.models.blocks import Block, KVCache, Rotary, make_norm
+from rafale.models.loss import linear_cross_entropy
 
 CHOICES = {"norm": ("layernorm", "rmsnorm"), "positions": ("rotary", "learned", "none"), "mlp": ("gelu", "swiglu")}
 
@@ -139,9 +140,18 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
+        """input_ids [B, T] -> logits [B, T, vocab]; or, given labels [B, T] (the token each position predicts,
+        -100 where none), their mean cross-entropy, with the head and the loss fused (loss.py).
+
+        The loss is computed here rather than by the caller so that under FSDP it runs where the head's weights
+        are gathered.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        if labels is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels)
 
     def hidden_states(
         self,

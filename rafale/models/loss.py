@@ -1,0 +1,64 @@
+"""The LM head and its cross-entropy as one autograd step, so the [tokens, vocab] logits exist once.
+
+The plain path, `F.cross_entropy(F.linear(hidden, weight), labels)`, allocates the logits, their log-softmax, a
+zero-filled gradient and the gradient proper: four [tokens, vocab] tensors, 400 MB each for 2,048 tokens at a 50k
+vocabulary, where the head is most of a small model's step. Here the forward turns the logits, a few rows at a
+time while they sit in cache, into softmax minus one-hot: the gradient up to a per-row factor (the incoming
+gradient over the number of counted tokens, zero for ignored ones), which the backward applies to the narrow
+[tokens, hidden] side of its two matmuls. Same loss and gradients as the plain path to float rounding
+(test/test_loss.py); bench/RESULTS.md has the timings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk of the softmax pass, as bytes of fp32 logits: small enough to stay in a CPU core's cache, large
+# enough on a GPU that the loop costs a few kernel launches.
+CHUNK_BYTES = {"cuda": 256 << 20}
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index):
+        device = hidden.device.type
+        # Under autocast the head runs in the autocast dtype, as nn.Linear would; the softmax always in fp32.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            logits = hidden.to(dtype) @ weight.to(dtype).t()
+            valid = labels != ignore_index
+            targets = torch.where(valid, labels, 0)[:, None]
+            losses = torch.empty(len(labels), device=hidden.device)
+            minus_one = logits.new_full((1, 1), -1.0, dtype=torch.float32)
+            rows = max(1, CHUNK_BYTES.get(device, DEFAULT_CHUNK_BYTES) // (4 * logits.shape[1]))
+            for start in range(0, len(labels), rows):
+                chunk, target = logits[start : start + rows], targets[start : start + rows]
+                scores = chunk.float()  # the chunk itself in fp32: the steps below then work in place
+                log_total = torch.logsumexp(scores, dim=-1)
+                losses[start : start + rows] = log_total - scores.gather(-1, target)[:, 0]
+                scores.sub_(log_total[:, None]).exp_().scatter_add_(-1, target, minus_one.expand(len(target), 1))
+                chunk.copy_(scores)
+        count = valid.sum()
+        ctx.save_for_backward(hidden, weight, logits, valid, count)
+        return torch.where(valid, losses, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, grad_logits, valid, count = ctx.saved_tensors
+        factor = (grad_loss * valid / count)[:, None]
+        dtype = grad_logits.dtype
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = ((grad_logits @ weight.to(dtype)).float() * factor).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.t() @ (hidden.float() * factor).to(dtype)).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden [..., H] @ weight[V, H].T` against `labels [...]`, over the labels that are
+    not ignore_index; equal to `F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=ignore_index)`."""
+    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index)

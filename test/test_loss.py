@@ -1,0 +1,93 @@
+"""The fused LM head + cross-entropy (rafale/models/loss.py) against the plain path it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rafale.models import build_model
+from rafale.models import loss as fused
+from rafale.tasks import ComposerLM, next_token_labels
+
+
+def plain_and_fused(hidden, weight, labels):
+    """(loss, grad of hidden, grad of weight) by the plain path and by the fused one, from the same inputs."""
+    results = []
+    for compute in (
+        lambda h, w: F.cross_entropy(F.linear(h, w).flatten(0, -2), labels.flatten(), ignore_index=-100),
+        lambda h, w: fused.linear_cross_entropy(h, w, labels),
+    ):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = compute(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    return results
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+def test_loss_and_gradients_match_the_plain_path(monkeypatch, chunk_rows):
+    vocab = 97
+    # 1 and 3 rows per chunk leave a ragged last chunk; 64 covers all 14 rows at once.
+    monkeypatch.setattr(fused, "DEFAULT_CHUNK_BYTES", chunk_rows * 4 * vocab)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 16, generator=generator)
+    weight = torch.randn(vocab, 16, generator=generator)
+    labels = torch.randint(0, vocab, (2, 7), generator=generator)
+    labels[0, -1] = labels[1, 2] = -100
+    (loss, grad_h, grad_w), (fused_loss, fused_grad_h, fused_grad_w) = plain_and_fused(hidden, weight, labels)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_grad_h, grad_h, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused_grad_w, grad_w, rtol=1e-5, atol=1e-7)
+    # Ignored positions get no gradient at all, as in the plain path.
+    assert fused_grad_h[1, 2].abs().max() == 0
+
+
+def test_extreme_logits_stay_finite():
+    # Logits a thousand apart: a softmax taken without the log-sum-exp shift would overflow.
+    hidden = torch.tensor([[1000.0, 0.0], [0.0, -1000.0]])
+    weight = torch.eye(2)
+    labels = torch.tensor([1, 1])
+    (loss, grad_h, grad_w), (fused_loss, fused_grad_h, fused_grad_w) = plain_and_fused(hidden, weight, labels)
+    assert torch.isfinite(fused_loss) and torch.isfinite(fused_grad_h).all() and torch.isfinite(fused_grad_w).all()
+    torch.testing.assert_close(fused_loss, loss)
+    torch.testing.assert_close(fused_grad_h, grad_h)
+
+
+def test_bf16_autocast_runs_the_head_in_bf16_and_matches_autocast_linear():
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(32, 16, generator=generator)
+    weight = torch.randn(50, 16, generator=generator) * 0.1
+    labels = torch.randint(0, 50, (32,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loss, grad_h, grad_w), (fused_loss, fused_grad_h, fused_grad_w) = plain_and_fused(hidden, weight, labels)
+    assert fused_loss.dtype == torch.float32
+    assert fused_grad_h.dtype == fused_grad_w.dtype == torch.float32
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fused_grad_h, grad_h, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(fused_grad_w, grad_w, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_composer_lm_training_loss_is_the_shifted_cross_entropy(tied):
+    torch.manual_seed(0)
+    model = build_model("pythia-tiny", {"tie_embeddings": tied})
+    batch = {
+        "input_ids": torch.randint(0, 128, (2, 12)),
+        "attention_mask": torch.ones(2, 12, dtype=torch.long),
+    }
+    batch["labels"] = batch["input_ids"].masked_fill(torch.arange(12) >= 10, -100)
+    task = ComposerLM(model)
+
+    logits = task.eval_forward(batch)
+    assert logits.shape == (2, 12, 128)
+    reference = F.cross_entropy(logits.flatten(0, 1), next_token_labels(batch["labels"]).flatten())
+    reference.backward()
+    reference_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    loss = task.loss(task(batch), batch)
+    loss.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference_grads[name], rtol=1e-4, atol=1e-7, msg=name)
