@@ -1,7 +1,7 @@
 """Training throughput: rafale's model in rafale's Composer Trainer, against the same model in a plain PyTorch loop
-and against `transformers`' equivalent model in that plain loop. Same shapes, batches, precision and clipping.
+and against `transformers`' equivalent model (`...ForCausalLM`, `BertForMaskedLM`) in that plain loop. Same shapes, batches, precision and clipping.
 
-    python bench/train_throughput.py                 # CPU shapes: pythia-14m and a small Llama at sequence 512
+    python bench/train_throughput.py                 # CPU: pythia-14m, a small Llama, bert-tiny MLM at seq 512
     python bench/train_throughput.py --gpu           # GPU: pythia-160m at 2048 in bf16, MFU with and without compile
 
 The three loops run in interleaved rounds in one process, so the machine's drift hits all of them alike.
@@ -19,7 +19,7 @@ import torch
 from common import print_table, write_results
 
 CPU_SHAPES = {
-    # name: (preset, overrides, sequence length, batch size)
+    # name: (preset, overrides, sequence length, batch size); bert presets train as masked LMs.
     "pythia14m_cpu": ("pythia14m", {}, 512, 4),
     "llama_small_cpu": (
         "llama-tiny",
@@ -35,6 +35,7 @@ CPU_SHAPES = {
         512,
         4,
     ),
+    "bert_tiny_mlm_cpu": ("bert-tiny", {"dropout": 0.0}, 512, 4),
 }
 GPU_SHAPES = {"pythia160m_gpu": ("pythia160m", {}, 2048, 8)}
 
@@ -51,14 +52,16 @@ def run_file(batch: int, precision: str, compile_model: bool):
     )
 
 
-def batches(vocab: int, length: int, batch: int, count: int, seed: int = 0):
-    from rafale.data import CausalLMCollator
+def batches(vocab: int, length: int, batch: int, count: int, masked: bool, seed: int = 0):
+    """Random token rows; for a masked LM, 15% of them masked as rafale's MLM pipeline does (ids 0-4 special)."""
+    from rafale.data import CausalLMCollator, MLMCollator
 
     generator = torch.Generator().manual_seed(seed)
     rows = [
-        {"input_ids": torch.randint(0, vocab, (length,), generator=generator).tolist()} for _ in range(batch * count)
+        {"input_ids": torch.randint(5, vocab, (length,), generator=generator).tolist()} for _ in range(batch * count)
     ]
-    return torch.utils.data.DataLoader(rows, batch_size=batch, collate_fn=CausalLMCollator(0, length))
+    collate = MLMCollator(0, length, 4, range(5), vocab) if masked else CausalLMCollator(0, length)
+    return torch.utils.data.DataLoader(rows, batch_size=batch, collate_fn=collate)
 
 
 def plain_loop(model, loader, device, amp: bool, loss_of) -> float:
@@ -85,27 +88,28 @@ def plain_loop(model, loader, device, amp: bool, loss_of) -> float:
     return run
 
 
-def rafale_loss(model, batch):
-    """The loss as rafale's ComposerLM computes it: the model returns it, head and cross-entropy fused."""
-    from rafale.tasks import next_token_labels
+def rafale_loss(task):
+    """The loss as rafale's task wrapper computes it (for language models the model returns it, its head and
+    cross-entropy fused), in a plain loop."""
 
-    labels = next_token_labels(batch["labels"])
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    def loss_of(model, batch):
+        return task.loss(task(batch), batch)
+
+    return loss_of
 
 
 def hf_loss(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def composer_loop(model, loader, config, device_name: str, precision: str, steps: int):
+def composer_loop(model, masked: bool, loader, config, device_name: str, precision: str, steps: int):
     """rafale's Trainer as train_run builds it: its callbacks, clipping, console logger, schedule and optimizer."""
     from composer import Trainer
 
-    from rafale.tasks import ComposerLM
     from rafale.train import ConsoleProgress, _algorithms, _callbacks, _data_spec, build_optimizer, build_scheduler
 
     trainer = Trainer(
-        model=ComposerLM(model),
+        model=task_for(model, masked),
         train_dataloader=_data_spec(loader),
         max_duration=f"{1000 * steps}ba",
         optimizers=build_optimizer(config, model),
@@ -134,18 +138,26 @@ def composer_loop(model, loader, config, device_name: str, precision: str, steps
     return run, trainer
 
 
-def measure_shape(name, preset, overrides, length, batch, steps, rounds, gpu: bool, compiled: bool = False):
-    from transformers import AutoModelForCausalLM
+def task_for(model, masked: bool):
+    from rafale.tasks import ComposerLM, ComposerMLM
 
-    from rafale.models import build_model, save_pretrained
+    return ComposerMLM(model) if masked else ComposerLM(model)
+
+
+def measure_shape(name, preset, overrides, length, batch, steps, rounds, gpu: bool, compiled: bool = False):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from rafale.models import Encoder, build_model, save_pretrained
 
     device = torch.device("cuda" if gpu else "cpu")
     precision = "amp_bf16" if gpu else "fp32"
     torch.manual_seed(0)
     ours = build_model(preset, overrides)
+    masked = isinstance(ours, Encoder)
+    reference_class = AutoModelForMaskedLM if masked else AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(ours, Path(folder) / "model")
-        theirs = AutoModelForCausalLM.from_pretrained(Path(folder) / "model", attn_implementation="sdpa")
+        theirs = reference_class.from_pretrained(Path(folder) / "model", attn_implementation="sdpa")
     plain_model = build_model(preset, overrides)
     plain_model.load_state_dict(ours.state_dict())
     for model in (theirs, plain_model):
@@ -153,12 +165,12 @@ def measure_shape(name, preset, overrides, length, batch, steps, rounds, gpu: bo
     if compiled:
         plain_model = torch.compile(plain_model)
         theirs = torch.compile(theirs)
-    loader = batches(ours.config.vocab_size, length, batch, steps)
+    loader = batches(ours.config.vocab_size, length, batch, steps, masked)
     config = run_file(batch, precision, compiled)
-    composer_run, trainer = composer_loop(ours, loader, config, "gpu" if gpu else "cpu", precision, steps)
+    composer_run, trainer = composer_loop(ours, masked, loader, config, "gpu" if gpu else "cpu", precision, steps)
     runners = {
         "rafale": composer_run,
-        "plain_loop": plain_loop(plain_model, loader, device, gpu, rafale_loss),
+        "plain_loop": plain_loop(plain_model, loader, device, gpu, rafale_loss(task_for(plain_model, masked))),
         "transformers": plain_loop(theirs, loader, device, gpu, hf_loss),
     }
     for run in runners.values():  # warm-up: allocator, autotuning, compilation

@@ -13,7 +13,7 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, Maske
 from composer.models import ComposerModel
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-IGNORE_INDEX = -100
+from rafale.models.loss import IGNORE_INDEX
 
 
 class _Task(ComposerModel):
@@ -24,8 +24,11 @@ class _Task(ComposerModel):
         self.model = model
         self.eval_metrics = metrics
 
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.model(**self.model_inputs(batch))
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Optional[Any] = None) -> torch.Tensor:
         return outputs if outputs is not None else self.forward(batch)
@@ -40,36 +43,43 @@ class _Task(ComposerModel):
 
 
 class _EncoderTask(_Task):
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Segment ids only where the model has segments: RoBERTa has one type, and a BERT-style tokenizer's
         # pairs would index past it.
         token_types = batch.get("token_type_ids") if self.model.config.type_vocab_size > 1 else None
-        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=token_types)
+        return {**super().model_inputs(batch), "token_type_ids": token_types}
 
 
-class ComposerLM(_Task):
-    """A causal LM for Composer: forward, next-token loss, and eval metrics (cross-entropy, perplexity).
+class _LossInModel(_Task):
+    """For the language models, whose model returns the training loss itself when given labels: its head and
+    cross-entropy run fused (models/loss.py), so the [batch, time, vocab] logits are never kept, and inside the
+    model's forward, where FSDP has gathered the head's weights. Evaluation asks for the logits the metrics read."""
 
-    In training the model returns the loss itself (its head and cross-entropy fused, models/loss.py), so the
-    [batch, time, vocab] logits are never kept; evaluation asks for the logits, which the metrics read.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model, {"LanguageCrossEntropy": LanguageCrossEntropy(),
-                                 "LanguagePerplexity": LanguagePerplexity()})
+    def labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["labels"]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = next_token_labels(batch["labels"])
-        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        return self.model(**self.model_inputs(batch), labels=self.labels(batch))
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Optional[Any] = None) -> torch.Tensor:
-        return self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.model(**self.model_inputs(batch))
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return outputs
 
     def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric) -> None:
-        metric.update(outputs.flatten(0, 1).float(), next_token_labels(batch["labels"]).flatten())
+        metric.update(outputs.flatten(0, 1).float(), self.labels(batch).flatten())
+
+
+class ComposerLM(_LossInModel):
+    """A causal LM for Composer: next-token loss; eval metrics are cross-entropy and perplexity."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model, {"LanguageCrossEntropy": LanguageCrossEntropy(),
+                                 "LanguagePerplexity": LanguagePerplexity()})
+
+    def labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return next_token_labels(batch["labels"])
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -79,19 +89,19 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-class ComposerMLM(_EncoderTask):
-    """A masked LM: cross-entropy at the masked positions (labels -100 elsewhere), unshifted; eval metrics are
-    the masked tokens' cross-entropy and accuracy."""
+class ComposerMLM(_LossInModel, _EncoderTask):
+    """A masked LM: cross-entropy at the masked positions (labels -100 elsewhere), unshifted, with the head run on
+    those positions only; eval metrics are the masked tokens' cross-entropy and accuracy."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model, {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
                                  "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX)})
 
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-
-    def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric) -> None:
-        metric.update(outputs.flatten(0, 1).float(), batch["labels"].flatten())
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """As for any model, less the MLM head's FLOPs at the positions it does not run on."""
+        rows, length = batch["input_ids"].shape
+        unmasked = int((batch["labels"] == IGNORE_INDEX).sum())
+        return super().flops_per_batch(batch) - self.model.mlm_head_flops_per_token() * unmasked
 
 
 class ComposerClassifier(_EncoderTask):

@@ -8,20 +8,21 @@ import torch.nn.functional as F
 
 from rafale.models import build_model
 from rafale.models import loss as fused
-from rafale.tasks import ComposerLM, next_token_labels
+from rafale.tasks import ComposerLM, ComposerMLM, next_token_labels
 
 
-def plain_and_fused(hidden, weight, labels):
-    """(loss, grad of hidden, grad of weight) by the plain path and by the fused one, from the same inputs."""
+def plain_and_fused(hidden, weight, labels, bias=None):
+    """(loss, grad of hidden, grad of weight[, grad of bias]) by the plain path and by the fused one."""
     results = []
     for compute in (
-        lambda h, w: F.cross_entropy(F.linear(h, w).flatten(0, -2), labels.flatten(), ignore_index=-100),
-        lambda h, w: fused.linear_cross_entropy(h, w, labels),
+        lambda h, w, b: F.cross_entropy(F.linear(h, w, b).flatten(0, -2), labels.flatten(), ignore_index=-100),
+        lambda h, w, b: fused.linear_cross_entropy(h, w, labels, b),
     ):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = compute(h, w)
+        b = bias.clone().requires_grad_() if bias is not None else None
+        loss = compute(h, w, b)
         loss.backward()
-        results.append((loss.detach(), h.grad, w.grad))
+        results.append((loss.detach(), h.grad, w.grad) + ((b.grad,) if b is not None else ()))
     return results
 
 
@@ -41,6 +42,18 @@ def test_loss_and_gradients_match_the_plain_path(monkeypatch, chunk_rows):
     torch.testing.assert_close(fused_grad_w, grad_w, rtol=1e-5, atol=1e-7)
     # Ignored positions get no gradient at all, as in the plain path.
     assert fused_grad_h[1, 2].abs().max() == 0
+
+
+def test_bias_is_added_and_gets_its_gradient():
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, 8, generator=generator)
+    weight = torch.randn(31, 8, generator=generator)
+    bias = torch.randn(31, generator=generator)
+    labels = torch.randint(0, 31, (9,), generator=generator)
+    labels[4] = -100
+    plain, fused_results = plain_and_fused(hidden, weight, labels, bias)
+    for ours, reference in zip(fused_results, plain):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
 
 
 def test_extreme_logits_stay_finite():
@@ -91,3 +104,36 @@ def test_composer_lm_training_loss_is_the_shifted_cross_entropy(tied):
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_composer_mlm_runs_the_head_on_masked_positions_only_with_the_same_loss():
+    torch.manual_seed(0)
+    model = build_model("bert-tiny", {"vocab_size": 200, "dropout": 0.0})
+    input_ids = torch.randint(5, 200, (2, 10))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 3], labels[1, 7], labels[1, 8] = 11, 42, 199
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    task = ComposerMLM(model)
+
+    logits = task.eval_forward(batch)
+    assert logits.shape == (2, 10, 200)
+    reference = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    reference.backward()
+    reference_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    seen_rows = []
+    hook = model.mlm.dense.register_forward_hook(lambda module, inputs, output: seen_rows.append(len(inputs[0])))
+    loss = task.loss(task(batch), batch)
+    hook.remove()
+    assert seen_rows == [3]
+    loss.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-6)
+    assert reference_grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, reference_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    # MFU counts the head where it ran: 3 positions of 20.
+    all_positions = model.flops_per_token(10) * 20
+    assert task.flops_per_batch(batch) == all_positions - 17 * model.mlm_head_flops_per_token()

@@ -21,6 +21,7 @@ from torch import nn
 
 from rafale.errors import RafaleError
 from rafale.models.blocks import MLP, Attention
+from rafale.models.loss import IGNORE_INDEX, linear_cross_entropy
 
 MODEL_TYPES = ("bert", "roberta")
 HEADS = ("mlm", "classification", "none")
@@ -121,8 +122,12 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
 
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the vocabulary projection."""
+        return self.norm(F.gelu(self.dense(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(F.gelu(self.dense(x))))
+        return self.decoder(self.transform(x))
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -188,10 +193,14 @@ class Encoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> MLM logits [B, T, vocab], class logits [B, num_labels] or hidden states [B, T, C].
 
         attention_mask [B, T]: 1 = real token, 0 = padding. token_type_ids [B, T]: segment ids (default all 0).
+        With the MLM head, labels [B, T] (the original id of each masked token, -100 elsewhere) make it return the
+        mean cross-entropy instead: the head runs on the masked positions only (15% of them in BERT's recipe),
+        its projection and the loss fused (loss.py).
         """
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -203,6 +212,10 @@ class Encoder(nn.Module):
             x = block(x, mask)
 
         head = self.config.head
+        if head == "mlm" and labels is not None:
+            masked = labels != IGNORE_INDEX
+            decoder = self.mlm.decoder
+            return linear_cross_entropy(self.mlm.transform(x[masked]), decoder.weight, labels[masked], decoder.bias)
         if head == "mlm":
             return self.mlm(x)
         if head == "classification":
@@ -218,14 +231,19 @@ class Encoder(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), counted as for the decoder: 6 per matmul weight plus
-        12 * layers * hidden * seq_len for attention. The embedding tables are lookups; the MLM decoder is a
-        matmul over every position, tied or not. The classification head runs once per row: left out."""
+        12 * layers * hidden * seq_len for attention. The embedding tables are lookups; the MLM head is counted at
+        every position, tied or not (in training it runs at the masked ones only: see mlm_head_flops_per_token).
+        The classification head runs once per row: left out."""
         c = self.config
         lookups = self.embed.weight.numel() + self.pos_embed.weight.numel() + self.type_embed.weight.numel()
         matmul_params = self.num_parameters() - lookups
         if c.head == "mlm" and c.tie_embeddings:
             matmul_params += self.embed.weight.numel()
         return 6 * matmul_params + 12 * c.n_layers * c.hidden_size * seq_len
+
+    def mlm_head_flops_per_token(self) -> float:
+        """Training FLOPs of the MLM head's two matmuls at one position."""
+        return 6 * (self.mlm.dense.weight.numel() + self.mlm.decoder.weight.numel())
 
 
 # What BERT and RoBERTa base share (the BERT paper, section 3, and the released config.json files).

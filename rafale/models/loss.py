@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+# The label of a position that predicts nothing (PyTorch's and transformers' default).
+IGNORE_INDEX = -100
+
 # Rows per chunk of the softmax pass, as bytes of fp32 logits: small enough to stay in a CPU core's cache, large
 # enough on a GPU that the loop costs a few kernel launches.
 CHUNK_BYTES = {"cuda": 256 << 20}
@@ -21,12 +24,14 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index):
         device = hidden.device.type
         # Under autocast the head runs in the autocast dtype, as nn.Linear would; the softmax always in fp32.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         with torch.autocast(device, enabled=False):
-            logits = hidden.to(dtype) @ weight.to(dtype).t()
+            rows, weight_t = hidden.to(dtype), weight.to(dtype).t()
+            # addmm, as F.linear, so that the bias is added with the same rounding.
+            logits = rows @ weight_t if bias is None else torch.addmm(bias.to(dtype), rows, weight_t)
             valid = labels != ignore_index
             targets = torch.where(valid, labels, 0)[:, None]
             losses = torch.empty(len(labels), device=hidden.device)
@@ -40,25 +45,31 @@ class LinearCrossEntropy(torch.autograd.Function):
                 scores.sub_(log_total[:, None]).exp_().scatter_add_(-1, target, minus_one.expand(len(target), 1))
                 chunk.copy_(scores)
         count = valid.sum()
-        ctx.save_for_backward(hidden, weight, logits, valid, count)
+        ctx.save_for_backward(hidden, weight, bias, logits, valid, count)
         return torch.where(valid, losses, 0.0).sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, grad_logits, valid, count = ctx.saved_tensors
+        hidden, weight, bias, grad_logits, valid, count = ctx.saved_tensors
         factor = (grad_loss * valid / count)[:, None]
         dtype = grad_logits.dtype
-        grad_hidden = grad_weight = None
+        grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_hidden = ((grad_logits @ weight.to(dtype)).float() * factor).to(hidden.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_logits.t() @ (hidden.float() * factor).to(dtype)).to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        if ctx.needs_input_grad[2]:
+            grad_bias = (factor.to(dtype).t() @ grad_logits)[0].to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden [..., H] @ weight[V, H].T` against `labels [...]`, over the labels that are
-    not ignore_index; equal to `F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=ignore_index)`."""
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index)
+    """Mean cross-entropy of `F.linear(hidden [..., H], weight [V, H], bias [V])` against `labels [...]`, over the
+    labels that are not ignore_index: `F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=...)`."""
+    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, labels.flatten(), ignore_index)
