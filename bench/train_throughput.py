@@ -1,5 +1,6 @@
 """Training throughput: rafale's model in rafale's Composer Trainer, against the same model in a plain PyTorch loop
-and against `transformers`' equivalent model (`...ForCausalLM`, `BertForMaskedLM`) in that plain loop. Same shapes, batches, precision and clipping.
+and against `transformers`' equivalent model (`...ForCausalLM`, `BertForMaskedLM`) in that plain loop. Same shapes,
+batches, precision and clipping.
 
     python bench/train_throughput.py                 # CPU: pythia-14m, a small Llama, bert-tiny MLM at seq 512
     python bench/train_throughput.py --gpu           # GPU: pythia-160m at 2048 in bf16, MFU with and without compile

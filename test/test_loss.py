@@ -67,12 +67,19 @@ def test_extreme_logits_stay_finite():
     torch.testing.assert_close(fused_grad_h, grad_h)
 
 
-def test_bf16_autocast_runs_the_head_in_bf16_and_matches_autocast_linear():
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_bf16_autocast_runs_the_head_in_bf16_and_matches_autocast_linear(monkeypatch, device):
+    # Chunks of 5 rows on either device, so that the loop and its ragged end run too.
+    monkeypatch.setattr(fused, "DEFAULT_CHUNK_BYTES", 5 * 4 * 50)
+    monkeypatch.setitem(fused.CHUNK_BYTES, "cuda", 5 * 4 * 50)
     generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(32, 16, generator=generator)
-    weight = torch.randn(50, 16, generator=generator) * 0.1
-    labels = torch.randint(0, 50, (32,), generator=generator)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden = torch.randn(32, 16, generator=generator).to(device)
+    weight = (torch.randn(50, 16, generator=generator) * 0.1).to(device)
+    labels = torch.randint(0, 50, (32,), generator=generator).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         (loss, grad_h, grad_w), (fused_loss, fused_grad_h, fused_grad_w) = plain_and_fused(hidden, weight, labels)
     assert fused_loss.dtype == torch.float32
     assert fused_grad_h.dtype == fused_grad_w.dtype == torch.float32
