@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 
 from rafale.config import RunFile, load_run_file
 from rafale.data import CausalLMCollator, build_dataloaders, format_summary, prepare_data
+from rafale.data import tokenizer as tokenizer_module
 from rafale.data.synthetic import generate_stories
 from rafale.errors import RafaleError
 
@@ -283,6 +285,30 @@ def test_trained_tokenizer_round_trips_text():
     assert prepared.tokenizer.decode(prepared.tokenizer.encode(text).ids) == text
     assert prepared.tokenizer.token_to_id("<|endoftext|>") == prepared.eos_token_id == 0
     assert prepared.pad_token_id == prepared.tokenizer.token_to_id("<|padding|>") == 1
+
+
+@pytest.mark.parametrize("kind", [tokenizer_module.BPE, tokenizer_module.WORDPIECE])
+def test_a_tokenizer_trained_twice_on_the_same_texts_is_the_same(tmp_path, monkeypatch, kind):
+    # tokenizers' own WordPiece trainer gave other tokens on each run (hash-map order); a fresh cache each time.
+    documents = Dataset.from_dict({"text": generate_stories(600, 0)})
+    trained = []
+    for attempt in range(2):
+        monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / f"cache{attempt}"))
+        trained.append(tokenizer_module.train_tokenizer(documents, "text", 600, "stories", kind).to_str())
+    assert trained[0] == trained[1]
+
+
+def test_the_trained_wordpiece_has_every_character_in_both_forms_and_bert_framing():
+    documents = Dataset.from_dict({"text": ["The fox ran to the box.", "A fox and an ox!"] * 20})
+    tokenizer = tokenizer_module.train_tokenizer(documents, "text", 60, "foxes", tokenizer_module.WORDPIECE)
+    vocab = tokenizer.get_vocab()
+    assert [vocab[token] for token in tokenizer_module.WORDPIECE_SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    # "x" only ever follows another letter here, yet a word that starts with it is still spelled out.
+    assert {"x", "##x", "##o", "fox"} <= set(vocab)
+    encoding = tokenizer.encode("xo fox", "box")
+    assert encoding.tokens == ["[CLS]", "x", "##o", "fox", "[SEP]", "box", "[SEP]"]
+    assert encoding.type_ids == [0, 0, 0, 0, 0, 1, 1]
+    assert tokenizer.decode(encoding.ids) == "xo fox box"
 
 
 @pytest.mark.skipif(not (NEOX / "tokenizer.json").is_file(), reason=f"no shared tokenizer at {NEOX}")

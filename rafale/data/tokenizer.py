@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from rafale.config import DataSettings, cache_root
 from rafale.errors import RafaleError
@@ -31,8 +31,9 @@ TRAINED_SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
 BPE, WORDPIECE = "byte-level-bpe", "wordpiece"
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MASK_TOKENS = ("[MASK]", "<mask>")
-# Bump when the way tokenizers are trained changes, so that cached ones are not reused.
-TRAINER_VERSION = 1
+# Per kind, bumped when the way it is trained changes, so that cached tokenizers and data are not reused.
+# WordPiece 2: trained deterministically (_train_wordpiece).
+TRAINER_VERSIONS = {BPE: 1, WORDPIECE: 2}
 
 
 def find_tokenizer_file(path: str) -> Optional[Path]:
@@ -75,7 +76,8 @@ def tokenizer_name(settings: DataSettings, pipeline: str = "causal_lm") -> str:
 def tokenizer_identity(settings: DataSettings, pipeline: str = "causal_lm") -> dict:
     """What identifies the tokenizer before it exists: the content of a file, a hub name, or how it is trained."""
     if settings.tokenizer_path is None:
-        return {"trained": trained_kind(pipeline), "vocab_size": settings.vocab_size, "version": TRAINER_VERSION}
+        kind = trained_kind(pipeline)
+        return {"trained": kind, "vocab_size": settings.vocab_size, "version": TRAINER_VERSIONS[kind]}
     file = find_tokenizer_file(settings.tokenizer_path)
     if file is None:
         return {"hub": settings.tokenizer_path}
@@ -127,21 +129,15 @@ def train_tokenizer(documents: Dataset, column: str, vocab_size: int, readable: 
     # The BPE's key predates the WordPiece: unchanged, so that tokenizers cached before stay valid.
     kind_suffix = "" if kind == BPE else f"-{kind}"
     text_hash = _text_hash(documents, column)
-    key = hashlib.sha256(f"{text_hash}-{vocab_size}-{TRAINER_VERSION}{kind_suffix}".encode()).hexdigest()
+    key = hashlib.sha256(f"{text_hash}-{vocab_size}-{TRAINER_VERSIONS[kind]}{kind_suffix}".encode()).hexdigest()
     cached = cache_root() / "tokenizers" / f"{readable}_{key[:8]}.json"
     if cached.is_file():
         return Tokenizer.from_file(str(cached))
-    tokenizer, trainer = _byte_level_bpe(vocab_size) if kind == BPE else _wordpiece(vocab_size)
-    batches = (batch[column] for batch in documents.iter(batch_size=1000))
-    tokenizer.train_from_iterator(batches, trainer=trainer, length=len(documents))
-    if kind == WORDPIECE:
-        # Set after training: the post-processor refers to the ids that training gave the special tokens.
-        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        from tokenizers import processors
+    def batches() -> Iterator[list[str]]:
+        return (batch[column] for batch in documents.iter(batch_size=1000))
 
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-        )
+    train = _train_byte_level_bpe if kind == BPE else _train_wordpiece
+    tokenizer = train(batches, vocab_size, len(documents))
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     tokenizer.save(str(partial))
@@ -149,7 +145,7 @@ def train_tokenizer(documents: Dataset, column: str, vocab_size: int, readable: 
     return tokenizer
 
 
-def _byte_level_bpe(vocab_size: int):
+def _train_byte_level_bpe(batches: Callable[[], Iterator[list[str]]], vocab_size: int, length: int) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -157,20 +153,67 @@ def _byte_level_bpe(vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TRAINED_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    return tokenizer, trainer
+    tokenizer.train_from_iterator(batches(), trainer=trainer, length=length)
+    return tokenizer
 
 
-def _wordpiece(vocab_size: int):
-    """BERT's tokenizer, cased: split on whitespace and punctuation, then WordPiece with `##` continuations."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+# Where the stand-ins for continuation characters start: Unicode's supplementary private use area A.
+PRIVATE_USE = 0xF0000
+
+
+def _train_wordpiece(batches: Callable[[], Iterator[list[str]]], vocab_size: int, length: int) -> Tokenizer:
+    """BERT's tokenizer, cased: split on whitespace and punctuation, then WordPiece with `##` continuations.
+
+    Trained as `tokenizers`' WordPieceTrainer does it, a BPE over words whose characters after the first are
+    symbols of their own (`##c`), but with the same result on every run: that trainer numbers the `##c` symbols in
+    hash-map order, which changes from run to run, and breaks ties between equally frequent merges by those
+    numbers, so the same texts gave other vocabularies (5-10 tokens of 869 on the synthetic stories). Here each
+    `##c` is a private-use character, so that a plain BPE, which is deterministic, learns the merges; its tokens
+    are then spelled back with `##`. Every character seen stays in the alphabet in both forms, as in the original.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIAL_TOKENS,
-                                        show_progress=False)
-    return tokenizer, trainer
+
+    seen = set()
+    for batch in batches():
+        for text in batch:
+            seen.update(tokenizer.normalizer.normalize_str(text))
+    alphabet = sorted(char for char in seen if not char.isspace())
+    stand_ins = {ord(char): chr(PRIVATE_USE + i) for i, char in enumerate(alphabet)}
+
+    def words_with_stand_ins() -> Iterator[list[str]]:
+        for batch in batches():
+            texts = []
+            for text in batch:
+                words = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text))
+                texts.append(" ".join(word[0] + word[1:].translate(stand_ins) for word, _ in words))
+            yield texts
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIAL_TOKENS,
+                                  initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(words_with_stand_ins(), trainer=trainer, length=length)
+
+    originals = {stand_in: chr(code) for code, stand_in in stand_ins.items()}
+
+    def spelled(token: str) -> str:
+        prefix = "##" if token[0] in originals else ""
+        return prefix + "".join(originals.get(char, char) for char in token)
+
+    vocab = {token if token in WORDPIECE_SPECIAL_TOKENS else spelled(token): i for token, i in bpe.get_vocab().items()}
+    tokenizer.model = models.WordPiece(vocab, unk_token="[UNK]")
+    tokenizer.add_special_tokens(WORDPIECE_SPECIAL_TOKENS)
+    # The post-processor refers to the ids that training gave the special tokens.
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return tokenizer
 
 
 def special_ids(tokenizer: Tokenizer) -> list[int]:
