@@ -311,6 +311,15 @@ def test_the_trained_wordpiece_has_every_character_in_both_forms_and_bert_framin
     assert tokenizer.decode(encoding.ids) == "xo fox box"
 
 
+def test_the_texts_own_private_use_characters_cannot_meet_the_stand_ins():
+    # The trainer stands private-use characters in for continuations; BERT's normalizer drops the texts' own.
+    own = "\U000F0000"
+    documents = Dataset.from_dict({"text": [f"{own}a a{own} ab", "ba ab"] * 10})
+    tokenizer = tokenizer_module.train_tokenizer(documents, "text", 40, "private", tokenizer_module.WORDPIECE)
+    assert not any(own in token for token in tokenizer.get_vocab())
+    assert tokenizer.encode(f"b{own}a", add_special_tokens=False).tokens == ["ba"]
+
+
 @pytest.mark.skipif(not (NEOX / "tokenizer.json").is_file(), reason=f"no shared tokenizer at {NEOX}")
 @pytest.mark.parametrize("path", [NEOX, NEOX / "tokenizer.json"])
 def test_a_tokenizer_from_a_folder_or_file(path):

@@ -183,6 +183,7 @@ def _train_wordpiece(batches: Callable[[], Iterator[list[str]]], vocab_size: int
         for text in batch:
             seen.update(tokenizer.normalizer.normalize_str(text))
     alphabet = sorted(char for char in seen if not char.isspace())
+    # BERT's normalizer drops the texts' own private-use characters (clean_text): no stand-in can meet one.
     stand_ins = {ord(char): chr(PRIVATE_USE + i) for i, char in enumerate(alphabet)}
 
     def words_with_stand_ins() -> Iterator[list[str]]:
