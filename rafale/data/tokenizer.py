@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import string
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
@@ -185,20 +187,31 @@ def _train_wordpiece(batches: Callable[[], Iterator[list[str]]], vocab_size: int
     alphabet = sorted(char for char in seen if not char.isspace())
     # BERT's normalizer drops the texts' own private-use characters (clean_text): no stand-in can meet one.
     stand_ins = {ord(char): chr(PRIVATE_USE + i) for i, char in enumerate(alphabet)}
+    # The words as BertPreTokenizer cuts them: runs of what is neither whitespace nor punctuation (ASCII
+    # punctuation and Unicode's P categories), and each punctuation character alone.
+    punctuation = "".join(re.escape(char) for char in alphabet if _is_bert_punctuation(char))
+    words = re.compile(rf"[^\s{punctuation}]+|[{punctuation}]" if punctuation else r"\S+")
+    # Most words recur: each is spelled with its stand-ins once.
+    spellings: dict[str, str] = {}
 
-    def words_with_stand_ins() -> Iterator[list[str]]:
+    def with_stand_ins(word: str) -> str:
+        spelling = spellings.get(word)
+        if spelling is None:
+            spelling = spellings[word] = word[0] + word[1:].translate(stand_ins)
+        return spelling
+
+    def texts_with_stand_ins() -> Iterator[list[str]]:
         for batch in batches():
-            texts = []
-            for text in batch:
-                words = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text))
-                texts.append(" ".join(word[0] + word[1:].translate(stand_ins) for word, _ in words))
-            yield texts
+            yield [
+                " ".join([with_stand_ins(word) for word in words.findall(tokenizer.normalizer.normalize_str(text))])
+                for text in batch
+            ]
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIAL_TOKENS,
                                   initial_alphabet=alphabet, show_progress=False)
-    bpe.train_from_iterator(words_with_stand_ins(), trainer=trainer, length=length)
+    bpe.train_from_iterator(texts_with_stand_ins(), trainer=trainer, length=length)
 
     originals = {stand_in: chr(code) for code, stand_in in stand_ins.items()}
 
@@ -215,6 +228,10 @@ def _train_wordpiece(batches: Callable[[], Iterator[list[str]]], vocab_size: int
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     return tokenizer
+
+
+def _is_bert_punctuation(char: str) -> bool:
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
 def special_ids(tokenizer: Tokenizer) -> list[int]:
