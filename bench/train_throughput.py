@@ -140,9 +140,10 @@ def composer_loop(model, masked: bool, loader, config, device_name: str, precisi
 
 
 def task_for(model, masked: bool):
-    from rafale.tasks import ComposerLM, ComposerMLM
+    """rafale's task wrapper for the model: a masked LM's or a causal LM's."""
+    from rafale.tasks import for_pipeline
 
-    return ComposerMLM(model) if masked else ComposerLM(model)
+    return for_pipeline("mlm" if masked else "causal_lm", model)
 
 
 def measure_shape(name, preset, overrides, length, batch, steps, rounds, gpu: bool, compiled: bool = False):

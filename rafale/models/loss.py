@@ -29,19 +29,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         # Under autocast the head runs in the autocast dtype, as nn.Linear would; the softmax always in fp32.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         with torch.autocast(device, enabled=False):
-            rows, weight_t = hidden.to(dtype), weight.to(dtype).t()
+            inputs, weight_t = hidden.to(dtype), weight.to(dtype).t()
             # addmm, as F.linear, so that the bias is added with the same rounding.
-            logits = rows @ weight_t if bias is None else torch.addmm(bias.to(dtype), rows, weight_t)
+            logits = inputs @ weight_t if bias is None else torch.addmm(bias.to(dtype), inputs, weight_t)
             valid = labels != ignore_index
             targets = torch.where(valid, labels, 0)[:, None]
             losses = torch.empty(len(labels), device=hidden.device)
             minus_one = logits.new_full((1, 1), -1.0, dtype=torch.float32)
             rows = max(1, CHUNK_BYTES.get(device, DEFAULT_CHUNK_BYTES) // (4 * logits.shape[1]))
             for start in range(0, len(labels), rows):
-                chunk, target = logits[start : start + rows], targets[start : start + rows]
+                end = start + rows
+                chunk, target = logits[start:end], targets[start:end]
                 scores = chunk.float()  # the chunk itself in fp32: the steps below then work in place
                 log_total = torch.logsumexp(scores, dim=-1)
-                losses[start : start + rows] = log_total - scores.gather(-1, target)[:, 0]
+                losses[start:end] = log_total - scores.gather(-1, target)[:, 0]
                 scores.sub_(log_total[:, None]).exp_().scatter_add_(-1, target, minus_one.expand(len(target), 1))
                 chunk.copy_(scores)
         count = valid.sum()
