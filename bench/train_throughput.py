@@ -55,13 +55,14 @@ def run_file(batch: int, precision: str, compile_model: bool):
 
 def batches(vocab: int, length: int, batch: int, count: int, masked: bool, seed: int = 0):
     """Random token rows; for a masked LM, 15% of them masked as rafale's MLM pipeline does (ids 0-4 special)."""
-    from rafale.data import CausalLMCollator, MLMCollator
+    from rafale.data.collate import PaddingCollator
+    from rafale.tasks.mlm import MLMCollator
 
     generator = torch.Generator().manual_seed(seed)
     rows = [
         {"input_ids": torch.randint(5, vocab, (length,), generator=generator).tolist()} for _ in range(batch * count)
     ]
-    collate = MLMCollator(0, length, 4, range(5), vocab) if masked else CausalLMCollator(0, length)
+    collate = MLMCollator(0, length, 4, range(5), vocab) if masked else PaddingCollator(0, length)
     return torch.utils.data.DataLoader(rows, batch_size=batch, collate_fn=collate)
 
 
@@ -141,9 +142,10 @@ def composer_loop(model, masked: bool, loader, config, device_name: str, precisi
 
 def task_for(model, masked: bool):
     """rafale's task wrapper for the model: a masked LM's or a causal LM's."""
-    from rafale.tasks import for_pipeline
+    from rafale.tasks import TASKS
+    from rafale.tasks.model import TaskModel
 
-    return for_pipeline("mlm" if masked else "causal_lm", model)
+    return TaskModel(TASKS["mlm" if masked else "causal_lm"], model)
 
 
 def measure_shape(name, preset, overrides, length, batch, steps, rounds, gpu: bool, compiled: bool = False):

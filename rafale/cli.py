@@ -91,6 +91,8 @@ def generate(
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
     top_p: Optional[float] = typer.Option(None, "--top-p", max=1.0),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    chat: bool = typer.Option(False, "--chat", help="Each prompt is a user's message, rendered with the model's "
+                              "chat template (a fine-tuned export's tokenizer_config.json); prints the answers."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt and line."),
 ) -> None:
     """Generate text from a trained model, with the KV cache."""
@@ -99,11 +101,14 @@ def generate(
     from rafale.models.generate import generate_from_folder
 
     results = generate_from_folder(
-        path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        path, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed
     )
     for result in results:
         if as_json:
             typer.echo(json.dumps(result, ensure_ascii=False))
+        elif chat:
+            typer.echo(f"> {result['prompt']}\n{result['text']}\n")
         else:
             typer.echo(f"{result['prompt']}{result['text']}\n")
 

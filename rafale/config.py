@@ -11,7 +11,7 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Generic, Literal, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,12 +23,10 @@ TIME_PATTERN = re.compile(r"^\d+(ba|ep|tok|sp|dur)$")
 SYNTHETIC_PREFIX = "synthetic:"
 
 SCHEDULES = ("cosine-warmup", "linear-warmup", "constant-warmup", "warmup-stable-decay")
-PIPELINES = ("causal_lm", "mlm", "classification")
-# The original's pipeline names, kept so its run files still work.
-PIPELINE_ALIASES = {"tinystories_neox": "causal_lm", "imdb_bert": "classification"}
-# What an encoder learns (model.mode, the original's names) and the pipeline that prepares its data.
-MODE_PIPELINES = {"mlm": "mlm", "cls": "classification"}
 OPTIMIZERS = ("adamw",)
+# The optional loggers: the module each needs, and the extra that installs it.
+LOGGER_EXTRAS = {"use_tensorboard": ("tensorboard", "tensorboard"), "use_wandb": ("wandb", "wandb"),
+                 "use_mlflow": ("mlflow", "mlflow")}
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -89,8 +87,9 @@ class RunConfig(Section):
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     # Where checkpoints and the exported model go; default: <cache>/checkpoints/<name>.
     checkpoint_dir: Optional[str] = None
-    # Steps that DEBUG=1 spends overfitting its single batch.
-    debug_steps: PositiveInt = 60
+    # DEBUG=1 trains on one batch for at most this many steps, with the run's own optimizer and schedule; it stops
+    # as soon as the loss has fallen to 10% of its first value.
+    debug_steps: PositiveInt = 300
     # Samples printed at the end of training.
     sample_prompts: list[str] = Field(default_factory=lambda: ["Once upon a time"])
     sample_max_new_tokens: Annotated[int, Field(ge=0)] = 48
@@ -120,10 +119,10 @@ class ModelConfig(Section):
     """`model:` a preset, optionally changed key by key, and where pretrained weights come from."""
 
     config: str = Field(min_length=1)
-    # "decoder" (a causal LM) or "encoder" (BERT, RoBERTa); the preset must be of that kind.
-    type: Literal["decoder", "encoder"] = "decoder"
-    # Encoders only: "mlm" (masked language modelling) or "cls" (sequence classification). Unset: the one that
-    # data.pipeline prepares for.
+    # The original's keys, both decided by data.pipeline now (its task says decoder or encoder, and which head):
+    # accepted when they agree with it. "decoder" (a causal LM) or "encoder" (BERT, RoBERTa).
+    type: Optional[Literal["decoder", "encoder"]] = None
+    # "mlm" (masked language modelling) or "cls" (sequence classification), for encoders.
     mode: Optional[Literal["mlm", "cls"]] = None
     # Classes of a "cls" encoder: as many as the data's label names, or more than its largest integer label.
     n_classes: Annotated[int, Field(ge=2)] = 2
@@ -164,35 +163,36 @@ class ModelConfig(Section):
 
 
 class DataSettings(Section):
-    """`data.config:` where the text comes from and how it becomes blocks of tokens."""
+    """`data.config:` the settings every task shares: where the data comes from, its tokenizer, rows and batches.
+
+    Each task (rafale/tasks/) extends this class with its own settings; `data.pipeline` picks the task.
+    """
 
     # Readable name of the prepared dataset (part of the cache folder's name).
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     # A text file, a folder or glob of .txt/.jsonl/.json/.parquet files, a save_to_disk folder, a hub
-    # dataset name, or "synthetic:stories" for rafale's bundled corpus.
+    # dataset name, or "synthetic:<corpus>" for one of rafale's bundled corpora.
     dataset_path: str = Field(min_length=1)
-    text_column: str = "text"
-    # A tokenizer.json, a folder holding one, or a hub name; unset: train a byte-level BPE on the train split.
+    # A tokenizer.json, a folder holding one, or a hub name; unset: the pretrained model's folder when it has a
+    # tokenizer.json, else one trained on the train split.
     tokenizer_path: Optional[str] = None
     # Readable name of the tokenizer (part of the cache folder's name).
     tokenizer_name: Optional[str] = None
     # Vocabulary size of a tokenizer trained on the fly.
     vocab_size: Annotated[int, Field(ge=256)] = 4096
     max_sequence_length: PositiveInt = 512
-    # The last partial block of each split: dropped, or kept and padded (padding never counts in the loss).
-    tail: Literal["drop", "pad"] = "drop"
     num_processes: PositiveInt = 1
     # Global batch sizes: with several training processes each takes an equal share, so they must divide evenly.
     train_batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 16
     # Shuffle the documents once before the validation split is carved and tokens are concatenated.
     shuffle_dataset: bool = True
-    # Shuffle the training blocks every epoch.
+    # Shuffle the training rows every epoch.
     shuffle_train: bool = True
     # Used only when the source has no validation split of its own.
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
     split_seed: int = 42
-    # Size of the synthetic corpus (dataset_path "synthetic:stories").
+    # Size of a synthetic corpus (dataset_path "synthetic:...").
     synthetic_documents: PositiveInt = 20000
     synthetic_seed: int = 0
     # Input id written into padded positions; unset (or the original's -100): the tokenizer's pad or EOS token.
@@ -203,14 +203,6 @@ class DataSettings(Section):
     input_id_key: str = "input_ids"
     # The original's flag: dataset_path already holds a dataset that rafale prepared.
     is_prepared: bool = False
-    # classification: the column of labels (names or integers), and an optional second text (sentence pairs).
-    label_column: str = "label"
-    text_pair_column: Optional[str] = None
-    # mlm: the fraction of tokens to predict (of those, 80% become the mask token, 10% a random token, 10% stay).
-    mlm_probability: Annotated[float, Field(gt=0, lt=1)] = 0.15
-    # mlm: "chunk" concatenates the documents and cuts blocks of max_sequence_length; "truncate" keeps one row
-    # per document, cut to max_sequence_length.
-    mlm_truncate: Literal["chunk", "truncate"] = "chunk"
 
     @field_validator("pad_token_id")
     @classmethod
@@ -220,16 +212,27 @@ class DataSettings(Section):
         return value
 
 
-class DataConfig(Section):
-    """`data:` which pipeline prepares the data, and its settings."""
+class TextSettings(DataSettings):
+    """The settings of tasks that read one text column."""
+
+    text_column: str = "text"
+
+
+Settings = TypeVar("Settings", bound=DataSettings)
+
+
+class DataConfig(Section, Generic[Settings]):
+    """`data:` which task prepares the data and learns from it (rafale/tasks/), and that task's settings."""
 
     pipeline: str = "causal_lm"
-    config: DataSettings
+    config: Settings
 
     @field_validator("pipeline")
     @classmethod
     def _pipeline(cls, value: str) -> str:
-        return _choice(PIPELINE_ALIASES.get(value, value), PIPELINES, "pipeline")
+        from rafale.tasks import ALIASES, TASKS
+
+        return _choice(ALIASES.get(value, value), tuple(TASKS), "pipeline")
 
 
 class LoggingConfig(Section):
@@ -243,37 +246,77 @@ class LoggingConfig(Section):
     use_mlflow: bool = False
     log_dir: str = "run_logs"
 
+    @model_validator(mode="after")
+    def _extras_installed(self) -> "LoggingConfig":
+        """An optional logger's library is checked here, before any work, rather than when Composer needs it."""
+        import importlib.util
 
-class RunFile(Section):
-    """A whole run file."""
+        for key, (module, extra) in LOGGER_EXTRAS.items():
+            if getattr(self, key) and importlib.util.find_spec(module) is None:
+                raise ValueError(f"logging.{key}: needs {module}, which is not installed; "
+                                 f"pip install \"rafale[{extra}]\"")
+        return self
+
+
+class RunFile(Section, Generic[Settings]):
+    """A whole run file. `data.config` is validated by the settings class of the task that `data.pipeline` names."""
 
     run: RunConfig
     model: ModelConfig
-    data: DataConfig
+    data: DataConfig[Settings]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     # Where the run file lives; relative paths in it were resolved against this folder.
     source: Optional[Path] = Field(default=None, exclude=True)
 
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> "RunFile":
+        """`RunFile.model_validate(raw)` validates `data.config` with the settings of the task the data names."""
+        if cls is RunFile:
+            return RunFile[_settings_class(obj)].model_validate(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+    @classmethod
+    def model_validate_json(cls, json_data: Union[str, bytes], **kwargs: Any) -> "RunFile":
+        if cls is RunFile:
+            import json
+
+            return RunFile[_settings_class(json.loads(json_data))].model_validate_json(json_data, **kwargs)
+        return super().model_validate_json(json_data, **kwargs)
+
+    def at(self, key: str) -> str:
+        """`run.yaml: key`, how an error names a key of this run file."""
+        return f"{self.source}: {key}" if self.source else key
+
+    @property
+    def task(self):
+        """The task (rafale/tasks/) that data.pipeline names: what turns this run's data into a loss."""
+        from rafale.tasks import TASKS
+
+        return TASKS[self.data.pipeline]
+
     @model_validator(mode="after")
-    def _model_fits_pipeline(self) -> "RunFile":
-        """A decoder learns from causal_lm data; an encoder's mode from the pipeline of the same name."""
-        model, pipeline = self.model, self.data.pipeline
-        if model.type == "decoder":
-            if model.mode is not None:
-                raise ValueError("model.mode: only encoders have a mode (model.type is 'decoder')")
-            if pipeline != "causal_lm":
-                raise ValueError(f"data.pipeline: {pipeline!r} needs model.type 'encoder' "
-                                 "(a decoder needs 'causal_lm')")
-            return self
-        if model.mode is not None and MODE_PIPELINES[model.mode] != pipeline:
-            raise ValueError(f"model.mode: {model.mode!r} needs data.pipeline {MODE_PIPELINES[model.mode]!r} "
-                             f"(got {pipeline!r})")
-        if pipeline == "causal_lm":
-            raise ValueError("data.pipeline: 'causal_lm' needs model.type 'decoder' (an encoder needs 'mlm' or "
-                             "'classification')")
-        if model.mode is None:
-            model.mode = next(mode for mode, wanted in MODE_PIPELINES.items() if wanted == pipeline)
+    def _model_fits_task(self) -> "RunFile":
+        """The original's model.type and model.mode, where given, must say what the task says."""
+        task, model = self.task, self.model
+        if model.type is not None and model.type != task.model_kind:
+            article = "an" if task.model_kind == "encoder" else "a"
+            raise ValueError(f"model.type: {model.type!r}, but data.pipeline {self.data.pipeline!r} trains "
+                             f"{article} {task.model_kind}; leave model.type out (the pipeline decides)")
+        if model.mode is not None and model.mode != task.encoder_mode:
+            wanted = f"needs model.mode {task.encoder_mode!r}" if task.encoder_mode else "takes no model.mode"
+            raise ValueError(f"model.mode: {model.mode!r}, but data.pipeline {self.data.pipeline!r} {wanted}; "
+                             f"leave model.mode out (the pipeline decides)")
         return self
+
+
+def _settings_class(raw: Any) -> type[DataSettings]:
+    """The settings class of the task a raw run file names (the shared one when it names none that exists)."""
+    from rafale.tasks import ALIASES, TASKS
+
+    data = raw.get("data") if isinstance(raw, dict) else None
+    name = data.get("pipeline", "causal_lm") if isinstance(data, dict) else "causal_lm"
+    task = TASKS.get(ALIASES.get(name, name)) if isinstance(name, str) else None
+    return task.Settings if task is not None else DataSettings
 
 
 def _choice(value: str, valid: tuple[str, ...], what: str) -> str:
@@ -317,11 +360,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _format_error(file: Path, error: dict[str, Any]) -> str:
+def _format_error(file: Path, error: dict[str, Any], root: type[BaseModel]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"{file}: {key}: unknown key" + _suggestion(error["loc"])
+        return f"{file}: {key}: unknown key" + _suggestion(error["loc"], root)
     if kind == "missing":
         return f"{file}: {key}: required key is missing"
     message = error["msg"]
@@ -337,9 +380,9 @@ def _format_error(file: Path, error: dict[str, Any]) -> str:
     return f"{file}: {key}: {message}" if key else f"{file}: {message}"
 
 
-def _suggestion(loc: tuple) -> str:
+def _suggestion(loc: tuple, root: type[BaseModel]) -> str:
     """`; did you mean 'max_lr'?` for a misspelt key, found among the keys valid at that place."""
-    section: Any = RunFile
+    section: Any = root
     for part in loc[:-1]:
         field = section.model_fields.get(str(part)) if isinstance(section, type) else None
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -365,10 +408,11 @@ def load_run_file(path: Union[str, Path]) -> RunFile:
         raise ConfigError(f"{file}: not a text file (not UTF-8)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a mapping with sections run, model and data, got {type(raw).__name__}")
+    schema = RunFile[_settings_class(raw)]
     try:
-        config = RunFile.model_validate(raw)
+        config = schema.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(file, error.errors()[0])) from None
+        raise ConfigError(_format_error(file, error.errors()[0], schema)) from None
 
     base = file.resolve().parent
     settings = config.data.config
@@ -376,6 +420,16 @@ def load_run_file(path: Union[str, Path]) -> RunFile:
     settings.tokenizer_path = _resolve_path(settings.tokenizer_path, base, "data.config.tokenizer_path", file, True)
     model = config.model
     model.pretrained_path = _resolve_path(model.pretrained_path, base, "model.pretrained_path", file, True)
+    if model.use_pretrained and settings.tokenizer_path is None and not settings.is_prepared:
+        # Fine-tuning reads text as the pretrained model did: with the tokenizer in its folder.
+        bundled = Path(model.pretrained_path) / "tokenizer.json"
+        if bundled.is_file():
+            settings.tokenizer_path = str(bundled)
+    try:
+        config.task.check_settings(settings, f"{file}: data.config")
+    except RafaleError as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith(str(file)) else f"{file}: {message}") from None
     if config.run.checkpoint_dir is not None:
         config.run.checkpoint_dir = str((base / os.path.expanduser(config.run.checkpoint_dir)).resolve())
     config.logging.log_dir = str((base / os.path.expanduser(config.logging.log_dir)).resolve())

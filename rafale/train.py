@@ -1,12 +1,16 @@
-"""Training, read as a recipe: data -> model -> optimizer and schedule -> Composer Trainer -> export -> samples.
+"""Training, read as a recipe: the task -> its data -> the model -> the Trainer's arguments -> fit -> export -> report.
 
-Composer runs the loop, checkpoints, autoresume, clipping, logging and precision; this file only wires them.
+Composer runs the loop, checkpoints, autoresume, clipping, logging and precision; this file only wires them. What
+differs between objectives belongs to the run's task (rafale/tasks/), which is asked for its pieces here and
+never asked which task it is. `trainer_arguments` is the one place the Trainer is configured: DEBUG=1 changes
+only the data (one batch), the duration and the checkpoints (none).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,13 +30,14 @@ from torch.utils.data import DataLoader, Subset
 from rafale.config import RunFile, cache_root
 from rafale.data import PreparedData, build_dataloaders, format_summary, prepare_data
 from rafale.data.cache import ready_file
-from rafale.data.tokenizer import mask_token_id
 from rafale.errors import RafaleError
 from rafale.export import export_model
-from rafale.models import bert, build, build_model, load_weights
-from rafale.models.generate import fill_mask, generate_text
+from rafale.models import PRESETS, bert, build, build_model, load_weights
+from rafale.models.bert import EncoderConfig
+from rafale.models.decoder import DecoderConfig
+from rafale.models.weights import config_from_folder
 from rafale.safety import checkpoint_callbacks
-from rafale.tasks import for_pipeline
+from rafale.tasks.model import TaskModel
 
 # A trained-from-scratch model's vocabulary is the tokenizer's, rounded up so matmuls stay aligned.
 VOCAB_MULTIPLE = 64
@@ -55,17 +60,13 @@ class WarmupStableDecayScheduler(ComposerScheduler):
         return 1.0 - (1.0 - self.min_lr_ratio) * progress
 
 
-# How the console names each task's eval metrics (tasks.py).
-METRIC_NAMES = {"LanguageCrossEntropy": "cross-entropy", "LanguagePerplexity": "perplexity",
-                "MaskedAccuracy": "masked accuracy", "MulticlassAccuracy": "accuracy", "MulticlassF1Score": "F1"}
-
-
 class ConsoleProgress(LoggerDestination):
     """One line every `interval` batches (loss, learning rate, tokens per second) and one per evaluation, which
-    it keeps in `eval_metrics`."""
+    it keeps in `eval_metrics`; `metric_names` says how the console names the task's metrics."""
 
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, metric_names: Optional[dict[str, str]] = None):
         self.interval = interval
+        self.metric_names = metric_names or {}
         self.latest: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
 
@@ -91,18 +92,24 @@ class ConsoleProgress(LoggerDestination):
     def eval_end(self, state: State, logger: Logger) -> None:
         # Every rank computes (the metrics sync across ranks); the line and `eval_metrics` are the same on each.
         self.eval_metrics = {name: float(metric.compute()) for name, metric in state.eval_metrics["eval"].items()}
-        scores = "  ".join(f"{METRIC_NAMES.get(name, name)} {value:.4f}" for name, value in self.eval_metrics.items())
+        scores = "  ".join(f"{self.metric_names.get(name, name)} {value:.4f}"
+                           for name, value in self.eval_metrics.items())
         _say(f"[eval at batch {int(state.timestamp.batch)}] {scores}")
 
 
 class LossHistory(Callback):
-    """Keeps the training loss of every batch (DEBUG=1 compares the first with the last)."""
+    """Keeps the training loss of every batch; with `stop_below`, ends training once the loss has fallen to that
+    fraction of the first (DEBUG=1's verdict)."""
 
-    def __init__(self):
+    def __init__(self, stop_below: Optional[float] = None):
         self.losses: list[float] = []
+        self.stop_below = stop_below
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        self.losses.append(float(state.loss))
+        # The whole batch's loss, averaged over every rank's share (state.loss is this rank's alone).
+        self.losses.append(float(state.total_loss_dict["loss/train/total"]))
+        if self.stop_below is not None and self.losses[-1] <= self.stop_below * self.losses[0]:
+            state.stop_training()
 
 
 def run_folder(config: RunFile) -> Path:
@@ -111,59 +118,53 @@ def run_folder(config: RunFile) -> Path:
     return base / config.run.name
 
 
+def check_model(config: RunFile) -> None:
+    """The model section, checked before any data is prepared: a preset of the task's kind (decoder or encoder)
+    whose overrides make a valid model."""
+    config.task.check_model(config)
+    config_class = EncoderConfig if config.model.config in bert.PRESETS else DecoderConfig
+    overrides = config.model.overrides()
+    unknown = sorted(set(overrides) - set(config_class.keys()))
+    if unknown:
+        raise RafaleError(f"{config.at('model.' + unknown[0])}: not a setting of this model; valid: "
+                          f"{', '.join(config_class.keys())}")
+    try:
+        config_class(**{**PRESETS[config.model.config], **overrides})
+    except RafaleError as error:
+        raise RafaleError(config.at(str(error))) from None
+
+
 def build_language_model(config: RunFile, prepared: PreparedData) -> torch.nn.Module:
-    """The model of the run file's preset and overrides, sized to the tokenizer, with pretrained weights if asked."""
+    """The model of the run file's preset and overrides, sized to the tokenizer, with what the task adds (an
+    encoder's head), and pretrained weights if asked. A pretrained model keeps the architecture of its folder's
+    config.json (the run file's overrides, dropout say, still apply)."""
+    check_model(config)
     overrides = config.model.overrides()
     tokenizer_vocab = prepared.tokenizer.get_vocab_size()
-    if "vocab_size" not in overrides and not config.model.use_pretrained:
-        overrides["vocab_size"] = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    if config.model.type == "encoder":
-        overrides.update(_encoder_overrides(config, prepared))
-    elif config.model.config in bert.PRESETS:
-        raise RafaleError(f"{config.source}: model.config: {config.model.config!r} is an encoder preset; set "
-                          f"model.type: 'encoder' and data.pipeline 'mlm' or 'classification'")
-    model = build_model(config.model.config, overrides)
+    if config.model.use_pretrained:
+        base = config_from_folder(config.model.pretrained_path)
+        if isinstance(base, EncoderConfig) != (config.task.model_kind == "encoder"):
+            raise RafaleError(f"{config.source}: model.pretrained_path: {config.model.pretrained_path} holds "
+                              f"{'an encoder' if isinstance(base, EncoderConfig) else 'a decoder'}, but "
+                              f"data.pipeline {config.data.pipeline!r} trains a {config.task.model_kind}")
+        overrides.update(config.task.model_overrides(config, prepared))
+        model = build(replace(base, **overrides))
+    else:
+        if "vocab_size" not in overrides:
+            overrides["vocab_size"] = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        overrides.update(config.task.model_overrides(config, prepared))
+        model = build_model(config.model.config, overrides)
     if tokenizer_vocab > model.config.vocab_size:
         raise RafaleError(
             f"{config.source}: the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
             f"{model.config.vocab_size}; raise model.vocab_size or use a smaller tokenizer"
         )
-    if config.model.type == "encoder":
-        _check_positions(config, model.config)
+    config.task.check_built_model(config, model)
     if config.model.use_pretrained:
         fresh = load_weights(model, config.model.pretrained_path)
         if fresh:
             _say(f"model: {', '.join(fresh)} not in {config.model.pretrained_path}: they start as initialised")
     return model
-
-
-def _encoder_overrides(config: RunFile, prepared: PreparedData) -> dict[str, Any]:
-    """The head the run file's mode asks for (with the data's class names), and the tokenizer's padding id."""
-    if config.model.config not in bert.PRESETS:
-        raise RafaleError(f"{config.source}: model.config: {config.model.config!r} is not an encoder preset; valid: "
-                          f"{', '.join(bert.PRESETS)}")
-    overrides: dict[str, Any] = {"pad_token_id": prepared.pad_token_id}
-    if config.model.mode == "mlm":
-        return {**overrides, "head": "mlm"}
-    names, classes = list(prepared.labels), config.model.n_classes
-    # Class i named "i" (integer labels): classes the data lacks are named the same way. Named classes must match.
-    if names == [str(i) for i in range(len(names))] and len(names) < classes:
-        names += [str(i) for i in range(len(names), classes)]
-    if len(names) != classes:
-        raise RafaleError(f"{config.source}: model.n_classes: {classes}, but the data has {len(names)} classes "
-                          f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
-    return {**overrides, "head": "classification", "num_labels": classes, "id2label": dict(enumerate(names))}
-
-
-def _check_positions(config: RunFile, model_config: bert.EncoderConfig) -> None:
-    """Rows must fit the position table: RoBERTa's positions start after the padding id."""
-    usable = model_config.max_position_embeddings
-    if model_config.family == "roberta":
-        usable -= model_config.pad_token_id + 1
-    if config.data.config.max_sequence_length > usable:
-        raise RafaleError(f"{config.source}: data.config.max_sequence_length: {config.data.config.max_sequence_length} "
-                          f"is longer than the model's {usable} positions; lower it or raise "
-                          f"model.max_position_embeddings")
 
 
 def _decoupled_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -298,9 +299,12 @@ def _max_duration(config: RunFile, batches_per_epoch: int) -> str:
     return f"{config.run.n_epochs * batches_per_epoch}ba"
 
 
-def _data_spec(loader) -> DataSpec:
-    # Tokens per second counts real tokens, not padding.
-    return DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["attention_mask"].sum()))
+def _data_spec(loader, task) -> DataSpec:
+    """Tokens per second counts real tokens, not padding; the loss of a batch weighs each microbatch by the tokens
+    that carry a label ("loss_generating", with Trainer's accumulate_train_batch_on_tokens), so that it is the
+    mean over the whole batch's labelled tokens, on any number of microbatches and processes."""
+    return DataSpec(loader, get_num_tokens_in_batch=lambda batch: {
+        "total": int(batch["attention_mask"].sum()), "loss_generating": task.loss_tokens(batch)})
 
 
 def _algorithms(config: RunFile) -> list:
@@ -316,87 +320,71 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def print_samples(model: torch.nn.Module, prepared: PreparedData, config: RunFile,
-                  eval_metrics: dict[str, float]) -> None:
-    """What the model learned: its continuations of the sample prompts (causal LM), its guesses for a mask
-    token at their end (MLM), or its final validation scores (classification)."""
-    if prepared.pipeline == "classification":
-        if eval_metrics:  # none when a finished run is started again
-            _say(f"validation: accuracy {eval_metrics['MulticlassAccuracy']:.4f}  "
-                 f"F1 {eval_metrics['MulticlassF1Score']:.4f}")
-        return
-    if not config.run.sample_prompts or config.run.sample_max_new_tokens == 0:
-        return
-    model.eval()
-    if prepared.pipeline == "mlm":
-        mask_id = mask_token_id(prepared.tokenizer, str(prepared.tokenizer_file))
-        _say("fill-mask:")
-        for result in fill_mask(model, prepared.tokenizer, config.run.sample_prompts, mask_id):
-            guesses = ", ".join(f"{token!r} {probability:.2f}" for token, probability in result["guesses"])
-            _say(f"  {result['prompt']} -> {guesses}")
-        return
-    samples = generate_text(
-        model,
-        prepared.tokenizer,
-        config.run.sample_prompts,
-        max_new_tokens=config.run.sample_max_new_tokens,
-        temperature=0.8,
-        top_k=40,
-        seed=config.run.seed,
-        eos_token_id=prepared.eos_token_id,
-        pad_token_id=prepared.pad_token_id,
-    )
-    _say("samples:")
-    for sample in samples:
-        _say(f"  {sample['prompt']}{sample['text']}".replace("\n", " "))
-
-
-def train_run(config: RunFile) -> Path:
-    """The whole run: data, model, Trainer with autoresume, export, samples. Returns the run's folder."""
-    warnings.filterwarnings("ignore", message="Cannot split tensor of length")  # a short last eval batch is fine
+def trainer_arguments(config: RunFile, model: torch.nn.Module, train_loader: DataLoader, eval_loader: DataLoader,
+                      duration: str, loggers: list, callbacks: list, checkpoints: Optional[Path]) -> dict[str, Any]:
+    """Every argument of the run's Trainer. A real run and DEBUG=1 both come through here; they differ only in
+    their loaders, `duration`, and `checkpoints` (the folder of saved checkpoints and autoresume; None: neither)."""
     device, precision = _device_and_precision(config)
     parallelism = _parallelism_config(config, device)
-    reproducibility.seed_all(config.run.seed)
-    # Under the launcher only each node's first process tokenizes; the others wait for its finished cache, then
-    # read it. A wait for a file, not a barrier: a collective would time out on a build longer than its timeout.
-    with dist.local_rank_zero_download_and_wait(str(ready_file(config))):
-        prepared = prepare_data(config)
-    _say(format_summary(prepared))
-    train_loader, eval_loader = build_dataloaders(prepared, config.data.config, config.run.seed)
-    if len(train_loader) == 0:
-        raise RafaleError(f"{config.source}: data.config.train_batch_size: larger than the train split")
-
-    reproducibility.seed_all(config.run.seed)
-    model = build_language_model(config, prepared)
-    _say(f"model: {config.model.config}, {model.num_parameters() / 1e6:.2f}M parameters")
     if parallelism:
         _shard_by_block(model)
-    folder = run_folder(config)
-    progress = ConsoleProgress(config.logging.log_interval)
-    trainer = Trainer(
-        model=for_pipeline(config.data.pipeline, model),
-        train_dataloader=_data_spec(train_loader),
-        eval_dataloader=_data_spec(eval_loader),
-        max_duration=_max_duration(config, len(train_loader)),
+    task = config.task
+    guards = checkpoint_callbacks(config, checkpoints) if checkpoints is not None else []
+    return dict(
+        model=TaskModel(task, model),
+        train_dataloader=_data_spec(train_loader, task),
+        eval_dataloader=_data_spec(eval_loader, task),
+        max_duration=duration,
         optimizers=build_optimizer(config, model),
         schedulers=build_scheduler(config),
         step_schedulers_every_batch=True,
         algorithms=_algorithms(config),
         eval_interval=config.run.eval_interval,
         # Checkpoints: Composer's saver, made atomic, plus safe resumption and clean stops (safety.py).
-        callbacks=[*_callbacks(), *checkpoint_callbacks(config, folder / "checkpoints")],
-        loggers=[progress, *_loggers(config)],
+        callbacks=[*_callbacks(), *callbacks, *guards],
+        loggers=loggers,
         run_name=config.run.name,
         progress_bar=False,
         log_to_console=False,
-        autoresume=True,
+        autoresume=checkpoints is not None,
         device=device,
         precision=precision,
         device_train_microbatch_size=_microbatch_size(config, device),
+        accumulate_train_batch_on_tokens=True,
         compile_config={} if config.run.compile else None,
         parallelism_config=parallelism,
         seed=config.run.seed,
     )
+
+
+def prepared_data(config: RunFile) -> PreparedData:
+    """The run's prepared data. Under the launcher only each node's first process builds it; the others wait for
+    its finished cache, then read it: a wait for a file, not a barrier, which would time out on a long build."""
+    warnings.filterwarnings("ignore", message="Cannot split tensor of length")  # a short last eval batch is fine
+    warnings.filterwarnings("ignore", message=".*warmup duration is 0")
+    with dist.local_rank_zero_download_and_wait(str(ready_file(config))):
+        return prepare_data(config)
+
+
+def train_run(config: RunFile) -> Path:
+    """The whole run: data, model, Trainer with autoresume, export, report. Returns the run's folder."""
+    check_model(config)
+    _device_and_precision(config)
+    reproducibility.seed_all(config.run.seed)
+    prepared = prepared_data(config)
+    _say(format_summary(prepared))
+    train_loader, eval_loader = build_dataloaders(config.task, prepared, config.data.config, config.run.seed)
+    if len(train_loader) == 0:
+        raise RafaleError(f"{config.source}: data.config.train_batch_size: larger than the train split")
+
+    reproducibility.seed_all(config.run.seed)
+    model = build_language_model(config, prepared)
+    _say(f"model: {config.model.config}, {model.num_parameters() / 1e6:.2f}M parameters")
+    folder = run_folder(config)
+    progress = ConsoleProgress(config.logging.log_interval, config.task.metric_names)
+    trainer = Trainer(**trainer_arguments(
+        config, model, train_loader, eval_loader, _max_duration(config, len(train_loader)),
+        loggers=[progress, *_loggers(config)], callbacks=[], checkpoints=folder / "checkpoints"))
     resumed_at = int(trainer.state.timestamp.batch)
     if resumed_at:
         _say(f"resumed from the latest checkpoint in {folder / 'checkpoints'} at batch {resumed_at}")
@@ -411,7 +399,7 @@ def train_run(config: RunFile) -> Path:
     if whole is not None:
         export_model(whole, folder / "model", prepared, config)
         _say(f"model exported to {folder / 'model'}")
-        print_samples(whole, prepared, config, progress.eval_metrics)
+        config.task.report(whole, prepared, config, progress.eval_metrics, _say)
     return folder
 
 
@@ -421,46 +409,46 @@ def _callbacks() -> list:
     return [SpeedMonitor(window_size=10), LRMonitor()]
 
 
+# DEBUG=1 passes when the loss of its one batch falls to this fraction of the first.
+DEBUG_TARGET = 0.1
+
+
 def debug_run(config: RunFile) -> bool:
-    """Overfit one batch (the same batch for eval) and say whether the loss fell to 10% of its start."""
-    warnings.filterwarnings("ignore", message="Cannot split tensor of length")
+    """Overfit one batch (the same batch for eval) with the run's own Trainer arguments, for at most
+    run.debug_steps steps, and say whether the loss fell to 10% of its start and the task's checks of the model
+    (a decoder that sees the future) found nothing."""
+    check_model(config)
     reproducibility.seed_all(config.run.seed)
-    prepared = prepare_data(config)
-    train_loader, _ = build_dataloaders(prepared, config.data.config, config.run.seed)
-    rows = min(config.data.config.train_batch_size, len(train_loader.dataset))
+    prepared = prepared_data(config)
+    train_loader, _ = build_dataloaders(config.task, prepared, config.data.config, config.run.seed)
+    rows = min(config.data.config.train_batch_size // dist.get_world_size(), len(train_loader.dataset))
     # The same single batch for training and eval, as a real DataLoader so Composer knows its batch size. MLM
     # masking is seeded by the batch's ids, so it is also the same masked batch at every step: a fixed target.
-    first_rows = Subset(train_loader.dataset, range(rows))
+    # Each process takes its own share of the first global batch.
+    start = dist.get_global_rank() * rows
+    first_rows = Subset(train_loader.dataset, range(start, start + rows))
     one_batch = DataLoader(first_rows, batch_size=rows, collate_fn=train_loader.collate_fn)
+    reproducibility.seed_all(config.run.seed)
     model = build_language_model(config, prepared)
-    device, precision = _device_and_precision(config)
     steps = config.run.debug_steps
-    history = LossHistory()
-    trainer = Trainer(
-        model=for_pipeline(config.data.pipeline, model),
-        train_dataloader=_data_spec(one_batch),
-        eval_dataloader=_data_spec(one_batch),
-        max_duration=f"{steps}ba",
-        optimizers=build_optimizer(config, model),
-        schedulers=ConstantWithWarmupScheduler(t_warmup="0ba"),
-        algorithms=_algorithms(config),
-        eval_interval=f"{steps}ba",
-        callbacks=[history],
-        loggers=[ConsoleProgress(max(1, steps // 10))],
-        progress_bar=False,
-        log_to_console=False,
-        device=device,
-        precision=precision,
-        device_train_microbatch_size=_microbatch_size(config, device),
-        seed=config.run.seed,
-    )
+    history = LossHistory(stop_below=DEBUG_TARGET)
+    trainer = Trainer(**trainer_arguments(
+        config, model, one_batch, one_batch, f"{steps}ba",
+        loggers=[ConsoleProgress(max(1, steps // 10), config.task.metric_names)], callbacks=[history],
+        checkpoints=None))
     trainer.fit()
     trainer.close()
     first, last = history.losses[0], history.losses[-1]
-    passed = math.isfinite(last) and last <= 0.1 * first
+    device = next(model.parameters()).device
+    batch = {name: value.to(device) for name, value in next(iter(one_batch)).items()}
+    problems = config.task.debug_checks(model, batch)
+    passed = math.isfinite(last) and last <= DEBUG_TARGET * first and not problems
     verdict = "PASS" if passed else "FAIL"
     _say(
         f"DEBUG {verdict}: loss {first:.4f} -> {last:.4f} ({100 * last / first:.1f}% of the first) "
-        f"after {steps} steps on one batch of {rows}; passing needs <= 10%"
+        f"after {len(history.losses)} of at most {steps} steps on one batch of {rows}; passing needs "
+        f"<= {100 * DEBUG_TARGET:.0f}%"
     )
+    for problem in problems:
+        _say(f"DEBUG FAIL: {problem}")
     return passed

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rafale.config import RunFile
-from rafale.data import ClassificationCollator, prepare_data
+from rafale.data import prepare_data
+from rafale.tasks.classification import ClassificationCollator
 from rafale.data.sentiment import generate_sentiment
 from rafale.errors import RafaleError
 
@@ -43,14 +44,14 @@ def reviews(labels: list) -> list[dict]:
 
 
 def labels_of(prepared, split: str = "train") -> list[str]:
-    return [prepared.labels[i] for i in prepared.splits[split]["labels"]]
+    return [prepared.meta['labels'][i] for i in prepared.splits[split]["labels"]]
 
 
 def test_label_names_become_sorted_class_ids(tmp_path):
     names = ["spam", "ham", "eggs"] * 10
     source = write_jsonl(tmp_path / "data.jsonl", reviews(names))
     prepared = prepare_data(run_file(dataset_path=str(source), shuffle_dataset=False, validation_fraction=0.1))
-    assert prepared.labels == ["eggs", "ham", "spam"]
+    assert prepared.meta['labels'] == ["eggs", "ham", "spam"]
     assert labels_of(prepared) + labels_of(prepared, "validation") == names
 
 
@@ -58,7 +59,7 @@ def test_integer_labels_are_their_own_class_ids(tmp_path):
     labels = [0, 3, 1] * 10
     source = write_jsonl(tmp_path / "data.jsonl", reviews(labels))
     prepared = prepare_data(run_file(dataset_path=str(source), shuffle_dataset=False, validation_fraction=0.1))
-    assert prepared.labels == ["0", "1", "2", "3"]
+    assert prepared.meta['labels'] == ["0", "1", "2", "3"]
     assert list(prepared.splits["train"]["labels"]) + list(prepared.splits["validation"]["labels"]) == labels
 
 
@@ -66,7 +67,7 @@ def test_class_label_columns_keep_their_names():
     if not SST2.is_dir():
         pytest.skip("needs ../shared/assets/corpora/sst2-validation (absent)")
     prepared = prepare_data(run_file(dataset_path=str(SST2), text_column="sentence", vocab_size=2000))
-    assert prepared.labels == ["negative", "positive"]
+    assert prepared.meta['labels'] == ["negative", "positive"]
     assert set(prepared.splits["train"]["labels"]) == {0, 1}
 
 

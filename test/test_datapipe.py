@@ -12,7 +12,8 @@ import torch
 from datasets import Dataset
 
 from rafale.config import RunFile, load_run_file
-from rafale.data import CausalLMCollator, build_dataloaders, format_summary, prepare_data
+from rafale.data import build_dataloaders, format_summary, prepare_data
+from rafale.data.collate import PaddingCollator
 from rafale.data import tokenizer as tokenizer_module
 from rafale.data.synthetic import generate_stories
 from rafale.errors import RafaleError
@@ -101,7 +102,7 @@ def test_cache_is_reused_without_tokenizing(monkeypatch):
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr("rafale.data.causal.tokenize", no_tokenizing)
+    monkeypatch.setattr("rafale.data.chunking.tokenize", no_tokenizing)
     # Batch sizes, process counts and shuffling of training blocks do not change the tokens.
     for change in ({}, {"train_batch_size": 3, "eval_batch_size": 5, "num_processes": 2, "shuffle_train": False}):
         again = prepare_data(run_file(dataset_path="synthetic:stories", synthetic_documents=100, **change))
@@ -145,10 +146,10 @@ def test_a_killed_build_is_never_reused(tmp_path, cache_dir):
     # A build killed after tokenizing, as it cuts blocks.
     script = textwrap.dedent("""
         import os, signal, sys
-        import rafale.data.causal
+        import rafale.data.chunking
         from rafale.config import RunFile
         from rafale.data import prepare_data
-        rafale.data.causal.chunk = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+        rafale.data.chunking.chunk = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
         prepare_data(RunFile.model_validate_json(sys.argv[1]))
     """)
     killed = subprocess.run([sys.executable, "-c", script, config.model_dump_json()], cwd=REPO,
@@ -182,13 +183,13 @@ def test_two_processes_at_once_build_once(cache_dir):
 
 def test_collator_pads_and_masks_labels():
     rows = [{"input_ids": [5, 6, 7]}, {"input_ids": torch.tensor([8, 9, 10, 11, 12])}]
-    batch = CausalLMCollator(pad_token_id=1, max_length=6)(rows)
+    batch = PaddingCollator(pad_token_id=1, max_length=6)(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 1, 1], [8, 9, 10, 11, 12, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7, -100, -100, -100], [8, 9, 10, 11, 12, -100]]
     assert all(t.dtype == torch.long for t in batch.values())
 
-    to_longest = CausalLMCollator(pad_token_id=0, max_length=4, pad_to_max=False)(rows)
+    to_longest = PaddingCollator(pad_token_id=0, max_length=4, pad_to_max=False)(rows)
     assert to_longest["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 10, 11]]
     assert to_longest["labels"].tolist() == [[5, 6, 7, -100], [8, 9, 10, 11]]
 
@@ -197,7 +198,7 @@ def test_dataloaders_batch_the_blocks():
     config = run_file(dataset_path="synthetic:stories", synthetic_documents=100, tail="pad",
                       train_batch_size=4, eval_batch_size=3)
     prepared = prepare_data(config)
-    train, evaluation = build_dataloaders(prepared, config.data.config, seed=0)
+    train, evaluation = build_dataloaders(config.task, prepared, config.data.config, seed=0)
     batches = list(train)
     assert sum(len(b["input_ids"]) for b in batches) == prepared.summary["train"]["blocks"]
     assert batches[0]["input_ids"].shape == (4, 16)

@@ -14,10 +14,8 @@ run:
   name: "debug"
   seed: 0
   max_lr: 3e-3
-  debug_steps: {steps}
 model:
   config: "{preset}"
-  type: "{model_type}"
 data:
   pipeline: "{pipeline}"
   config:
@@ -25,22 +23,27 @@ data:
     dataset_path: "synthetic:{corpus}"
     synthetic_documents: 100
     vocab_size: 300
-    max_sequence_length: 32
+    max_sequence_length: {length}
     train_batch_size: 8
-"""
+{extra}"""
 
 
-@pytest.mark.parametrize("preset, model_type, pipeline, corpus, steps", [
-    ("pythia-tiny", "decoder", "causal_lm", "stories", 50),
-    ("llama-tiny", "decoder", "causal_lm", "stories", 50),
-    ("bert-test-tiny", "encoder", "mlm", "stories", 50),
-    ("roberta-test-tiny", "encoder", "mlm", "stories", 50),
-    ("bert-test-tiny", "encoder", "classification", "sentiment", 50),
+# SFT rows are whole records: the plain prompt template keeps them short at this tiny vocabulary.
+SFT = '    prompt_template: "plain"\n'
+
+
+@pytest.mark.parametrize("preset, pipeline, corpus, length, extra", [
+    ("pythia-tiny", "causal_lm", "stories", 32, ""),
+    ("llama-tiny", "causal_lm", "stories", 32, ""),
+    ("bert-test-tiny", "mlm", "stories", 32, ""),
+    ("roberta-test-tiny", "mlm", "stories", 32, ""),
+    ("bert-test-tiny", "classification", "sentiment", 32, ""),
+    ("pythia-tiny", "sft", "instructions", 96, SFT),
+    ("llama-tiny", "sft", "instructions", 96, SFT),
 ])
-def test_debug_passes(tmp_path, preset, model_type, pipeline, corpus, steps):
+def test_debug_passes(tmp_path, preset, pipeline, corpus, length, extra):
     run_file = tmp_path / "debug.yaml"
-    run_file.write_text(DEBUG_RUN.format(preset=preset, model_type=model_type, pipeline=pipeline, corpus=corpus,
-                                         steps=steps))
+    run_file.write_text(DEBUG_RUN.format(preset=preset, pipeline=pipeline, corpus=corpus, length=length, extra=extra))
     done = subprocess.run([sys.executable, "rafale/main", "-c", str(run_file)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, "RAFALE_CACHE_DIR": str(tmp_path / "cache"), "DEBUG": "1"})

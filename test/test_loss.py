@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from rafale.models import build_model
 from rafale.models import loss as fused
-from rafale.tasks import ComposerLM, ComposerMLM, next_token_labels
+from rafale.tasks import TASKS
+from rafale.tasks.causal_lm import next_token_labels
+from rafale.tasks.model import TaskModel
 
 
 def plain_and_fused(hidden, weight, labels, bias=None):
@@ -97,7 +99,7 @@ def test_composer_lm_training_loss_is_the_shifted_cross_entropy(tied):
         "attention_mask": torch.ones(2, 12, dtype=torch.long),
     }
     batch["labels"] = batch["input_ids"].masked_fill(torch.arange(12) >= 10, -100)
-    task = ComposerLM(model)
+    task = TaskModel(TASKS["causal_lm"], model)
 
     logits = task.eval_forward(batch)
     assert logits.shape == (2, 12, 128)
@@ -120,7 +122,7 @@ def test_composer_mlm_runs_the_head_on_masked_positions_only_with_the_same_loss(
     labels = torch.full_like(input_ids, -100)
     labels[0, 3], labels[1, 7], labels[1, 8] = 11, 42, 199
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    task = ComposerMLM(model)
+    task = TaskModel(TASKS["mlm"], model)
 
     logits = task.eval_forward(batch)
     assert logits.shape == (2, 10, 200)
@@ -144,3 +146,46 @@ def test_composer_mlm_runs_the_head_on_masked_positions_only_with_the_same_loss(
     # MFU counts the head where it ran: 3 positions of 20.
     all_positions = model.flops_per_token(10) * 20
     assert task.flops_per_batch(batch) == all_positions - 17 * model.mlm_head_flops_per_token()
+
+
+def test_every_reduction_comes_from_the_one_fused_step_with_the_plain_paths_gradients():
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 5, 8, generator=generator)
+    weight = torch.randn(41, 8, generator=generator)
+    labels = torch.randint(0, 41, (3, 5), generator=generator)
+    labels[0, :2] = labels[2, 4] = -100  # a prompt, and padding
+    for reduction in ("sum", "none"):
+        results = []
+        for fused_path in (False, True):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            if fused_path:
+                loss = fused.linear_cross_entropy(h, w, labels, reduction=reduction)
+            else:
+                loss = F.cross_entropy(F.linear(h, w).transpose(1, 2), labels, ignore_index=-100, reduction=reduction)
+            # Weigh each token differently, so that a per-token gradient that went to the wrong row would show.
+            (loss * torch.arange(1.0, 16.0).view(3, 5)).sum().backward() if reduction == "none" else loss.backward()
+            results.append((loss.detach(), h.grad, w.grad))
+        for ours, reference in zip(results[1], results[0]):
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_log_probs_sum_each_rows_labelled_positions():
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 6, 8, generator=generator)
+    weight = torch.randn(23, 8, generator=generator)
+    labels = torch.randint(0, 23, (2, 6), generator=generator)
+    labels[0, :3] = labels[1, 5] = -100
+    token_losses = fused.linear_cross_entropy(hidden, weight, labels, reduction="none")
+    log_probs, counts = fused.sequence_log_probs(token_losses, labels)
+    plain = F.linear(hidden, weight).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    expected = torch.where(labels != -100, plain, 0.0).sum(-1)
+    torch.testing.assert_close(log_probs, expected, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == [3, 5] and log_probs.dtype == torch.float32
+
+
+def test_a_mean_over_no_labels_is_zero_not_nan():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(11, 8)
+    loss = fused.linear_cross_entropy(hidden, weight, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().max() == 0

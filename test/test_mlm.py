@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rafale.config import RunFile
-from rafale.data import MLMCollator, prepare_data
-from rafale.data.collators import make_collator
+from rafale.data import prepare_data
+from rafale.tasks.mlm import MLMCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizers"
@@ -118,7 +118,7 @@ def test_a_pretrained_tokenizer_frames_rows_with_its_own_special_tokens(name, fr
     tokenizer = prepared.tokenizer
     row = prepared.splits["train"]["input_ids"][0]
     assert (tokenizer.id_to_token(row[0]), tokenizer.id_to_token(row[-1])) == frame
-    batch = make_collator(prepared, config.data.config, seed=0)([{"input_ids": row}] * 8)
+    batch = config.task.collator(prepared, config.data.config, seed=0)([{"input_ids": row}] * 8)
     assert tokenizer.token_to_id(mask) in batch["input_ids"]
 
 
@@ -139,7 +139,7 @@ def test_the_preset_must_be_of_the_model_type():
     config = mlm_run_file()
     prepared = prepare_data(config)
     config.model.config = "pythia-tiny"
-    with pytest.raises(RafaleError, match="model.config: 'pythia-tiny' is not an encoder preset; valid: bert-"):
+    with pytest.raises(RafaleError, match="model.config: 'pythia-tiny' is a decoder preset, but data.pipeline 'mlm' trains an encoder; valid: bert-"):
         build_language_model(config, prepared)
     config.model.config, config.model.max_position_embeddings = "roberta-test-tiny", 32
     with pytest.raises(RafaleError, match="data.config.max_sequence_length: 32 is longer than the model's 31"):

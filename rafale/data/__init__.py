@@ -1,17 +1,9 @@
-"""The datapipe: a source of documents -> tokenizer -> blocks of token ids, cached -> dataloaders.
+"""The datapipe: a source of documents -> tokenizer -> the task's rows of token ids, cached -> dataloaders.
 
 Importing this package is cheap: torch, datasets and tokenizers are imported by the functions that use them.
 """
 
 from rafale.data.cache import PreparedData, format_summary, prepare_data
-from rafale.data.collators import CausalLMCollator, ClassificationCollator, MLMCollator, build_dataloaders
+from rafale.data.loaders import build_dataloaders
 
-__all__ = [
-    "CausalLMCollator",
-    "ClassificationCollator",
-    "MLMCollator",
-    "PreparedData",
-    "build_dataloaders",
-    "format_summary",
-    "prepare_data",
-]
+__all__ = ["PreparedData", "build_dataloaders", "format_summary", "prepare_data"]

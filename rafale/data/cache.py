@@ -18,13 +18,12 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from rafale.config import DataSettings, RunFile, cache_root
-from rafale.data import classification
-from rafale.data.sources import is_saved_dataset, load_documents, source_fingerprint
+from rafale.data.sources import is_saved_dataset, source_fingerprint
 from rafale.data.tokenizer import (
     find_tokenizer_file,
     load_tokenizer,
@@ -32,7 +31,6 @@ from rafale.data.tokenizer import (
     tokenizer_identity,
     tokenizer_name,
     train_tokenizer,
-    trained_kind,
     trained_name,
 )
 from rafale.errors import RafaleError
@@ -41,13 +39,12 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from tokenizers import Tokenizer
 
+    from rafale.tasks.base import Task
+
 # Bump when the pipeline's output changes for the same settings, so that old folders are not reused.
 PIPELINE_VERSION = 1
 META = "meta.json"
 TOKENIZER = "tokenizer.json"
-# Settings that shape one pipeline's rows only: in the key of that pipeline alone, so that the others' folders
-# keep their names.
-PIPELINE_SETTINGS = {"mlm": ("mlm_truncate",), "classification": ("label_column", "text_pair_column")}
 
 
 @dataclass
@@ -60,55 +57,57 @@ class PreparedData:
     tokenizer_file: Path
     eos_token_id: int
     pad_token_id: int
-    # Per split: documents, tokens in blocks (without padding) and blocks; documents is None for a folder that
-    # rafale did not prepare.
+    # Per split: documents, tokens in blocks (without padding) and blocks (and what else the task counts);
+    # documents is None for a folder that rafale did not prepare.
     summary: dict[str, dict[str, Optional[int]]]
     reused: bool
-    # The pipeline that made the rows (config.py's PIPELINES), and for classification the class names by id.
-    pipeline: str = "causal_lm"
-    labels: Optional[list[str]] = None
+    # The task that made the rows (rafale/tasks/), and what it wrote into meta.json (class names, a template).
+    task: str = "causal_lm"
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def cache_key(config: RunFile) -> dict[str, Any]:
     """Every setting that shapes the tokens, and what identifies the source and the tokenizer."""
-    settings = config.data.config
-    return {
+    settings, task = config.data.config, config.task
+    key = {
         "version": PIPELINE_VERSION,
         "pipeline": config.data.pipeline,
         "source": settings.dataset_path,
         "source_fingerprint": source_fingerprint(settings),
-        "text_column": settings.text_column,
-        "tokenizer": tokenizer_identity(settings, config.data.pipeline),
+        "tokenizer": tokenizer_identity(settings, task.tokenizer_kind),
         "max_sequence_length": settings.max_sequence_length,
-        "tail": settings.tail,
         "shuffle_dataset": settings.shuffle_dataset,
         "validation_fraction": settings.validation_fraction,
         "split_seed": settings.split_seed,
         "input_id_key": settings.input_id_key,
-        **{name: getattr(settings, name) for name in PIPELINE_SETTINGS.get(config.data.pipeline, ())},
     }
+    if hasattr(settings, "text_column"):  # in the key from the start, for the tasks that read one text column
+        key["text_column"] = settings.text_column
+    return {**key, **task.cache_key(settings)}
 
 
-def cache_folder(settings: DataSettings, key: dict[str, Any]) -> Path:
+def cache_folder(config: RunFile, key: dict[str, Any]) -> Path:
+    settings = config.data.config
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    name = f"{settings.name}_{tokenizer_name(settings, key['pipeline'])}_len{settings.max_sequence_length}_{digest}"
-    return cache_root() / "data" / name
+    tokenizer = tokenizer_name(settings, config.task.tokenizer_kind)
+    return cache_root() / "data" / f"{settings.name}_{tokenizer}_len{settings.max_sequence_length}_{digest}"
 
 
 def prepare_data(config: RunFile) -> PreparedData:
     """Reuse the cached blocks for this run file's data settings, or build them (once, even across processes)."""
-    settings = config.data.config
+    _quiet_datasets()
+    settings, task = config.data.config, config.task
     if settings.is_prepared:
-        return _load(Path(settings.dataset_path), settings, reused=True, pipeline=config.data.pipeline)
+        return _load(Path(settings.dataset_path), settings, reused=True, task=task)
     key = cache_key(config)
-    folder = cache_folder(settings, key)
+    folder = cache_folder(config, key)
     if (folder / META).is_file():
-        return _load(folder, settings, reused=True, pipeline=config.data.pipeline)
+        return _load(folder, settings, reused=True, task=task)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(folder.with_name(folder.name + ".lock"), folder):
         # Another process may have built it while this one waited.
         if (folder / META).is_file():
-            return _load(folder, settings, reused=True, pipeline=config.data.pipeline)
+            return _load(folder, settings, reused=True, task=task)
         # Holding the lock, any partial folder is left over from a build that died.
         for stale in [folder, *folder.parent.glob(f".{folder.name}.partial-*")]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -119,7 +118,15 @@ def prepare_data(config: RunFile) -> PreparedData:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         os.rename(partial, folder)
-    return _load(folder, settings, reused=False, pipeline=config.data.pipeline)
+    return _load(folder, settings, reused=False, task=task)
+
+
+def _quiet_datasets() -> None:
+    """datasets' progress bars and notices stay out of the console: rafale prints its own summary."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def ready_file(config: RunFile) -> Path:
@@ -127,7 +134,7 @@ def ready_file(config: RunFile) -> Path:
     settings = config.data.config
     if settings.is_prepared:
         return Path(settings.dataset_path)
-    return cache_folder(settings, cache_key(config)) / META
+    return cache_folder(config, cache_key(config)) / META
 
 
 @contextmanager
@@ -144,33 +151,29 @@ def _exclusive(lock_file: Path, folder: Path) -> Iterator[None]:
 def _build(config: RunFile, key: dict[str, Any], partial: Path) -> None:
     import datasets
 
-    from rafale.data import causal, classification, mlm
-
-    settings = config.data.config
-    pipeline = config.data.pipeline
+    settings, task = config.data.config, config.task
     work = partial / "work"
     work.mkdir(parents=True)
-    extra_columns = classification.extra_columns(settings) if pipeline == "classification" else None
-    documents = load_documents(settings, work, extra_columns)
+    documents = task.load_documents(settings, work)
     if settings.tokenizer_path is None:
-        readable = f"{settings.name}_{trained_name(settings.vocab_size, pipeline)}"
-        tokenizer = train_tokenizer(documents["train"], settings.text_column, settings.vocab_size, readable,
-                                    trained_kind(pipeline))
+        readable = f"{settings.name}_{trained_name(settings.vocab_size, task.tokenizer_kind)}"
+        tokenizer = train_tokenizer(documents["train"], task.tokenizer_text_column(settings), settings.vocab_size,
+                                    readable, task.tokenizer_kind)
     else:
         tokenizer = load_tokenizer(settings.tokenizer_path)
     eos_id, _ = special_token_ids(tokenizer, settings, settings.tokenizer_path or "the trained tokenizer")
-    module = {"causal_lm": causal, "mlm": mlm, "classification": classification}[pipeline]
-    splits, summary, extra_meta = module.prepare(documents, tokenizer, eos_id, settings, work)
+    splits, summary, extra_meta = task.prepare(documents, tokenizer, eos_id, settings, work)
     datasets.DatasetDict(splits).save_to_disk(str(partial))
     tokenizer.save(str(partial / TOKENIZER))
     shutil.rmtree(work)
     meta = {"summary": summary, "settings": key, **extra_meta, "tokenizer": {
-        "name": tokenizer_name(settings, pipeline), "vocab_size": tokenizer.get_vocab_size(), "eos_token_id": eos_id}}
+        "name": tokenizer_name(settings, task.tokenizer_kind), "vocab_size": tokenizer.get_vocab_size(),
+        "eos_token_id": eos_id}}
     # Written last: its presence is what marks the folder complete.
     (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _load(folder: Path, settings: DataSettings, reused: bool, pipeline: str) -> PreparedData:
+def _load(folder: Path, settings: DataSettings, reused: bool, task: Task) -> PreparedData:
     """A prepared folder: one that rafale built, or (`is_prepared`) a DatasetDict saved with save_to_disk."""
     import datasets
 
@@ -181,9 +184,7 @@ def _load(folder: Path, settings: DataSettings, reused: bool, pipeline: str) -> 
     if not isinstance(splits, datasets.DatasetDict) or not {"train", "validation"} <= set(splits):
         names = ", ".join(splits) if isinstance(splits, datasets.DatasetDict) else "none (a single Dataset)"
         raise RafaleError(f"{where}: needs 'train' and 'validation' splits; splits: {names}")
-    needed = {settings.input_id_key: "input_id_key"}
-    if pipeline == "classification":
-        needed[classification.LABELS] = "label_column"
+    needed = {settings.input_id_key: "input_id_key", **task.required_columns}
     for split in ("train", "validation"):
         for column, key in needed.items():
             if column not in splits[split].column_names:
@@ -203,14 +204,12 @@ def _load(folder: Path, settings: DataSettings, reused: bool, pipeline: str) -> 
         summary = meta["summary"]
     else:
         summary = {split: _count(splits[split], settings.input_id_key) for split in ("train", "validation")}
-    labels = None
-    if pipeline == "classification":
-        # A folder prepared elsewhere has integer class ids and no names: class i is named "i".
-        labels = meta.get("labels") or [str(i) for i in range(max(max(splits[s][classification.LABELS])
-                                                                   for s in ("train", "validation")) + 1)]
-    return PreparedData(path=folder, splits=splits, tokenizer=tokenizer, tokenizer_file=tokenizer_file,
-                        eos_token_id=eos_id, pad_token_id=pad_id, summary=summary, reused=reused,
-                        pipeline=pipeline, labels=labels)
+    extra_meta = {name: value for name, value in meta.items() if name not in ("summary", "settings", "tokenizer")}
+    prepared = PreparedData(path=folder, splits=splits, tokenizer=tokenizer, tokenizer_file=tokenizer_file,
+                            eos_token_id=eos_id, pad_token_id=pad_id, summary=summary, reused=reused,
+                            task=task.name, meta=extra_meta)
+    task.finish_loading(prepared)
+    return prepared
 
 
 def _count(split: Dataset, column: str) -> dict[str, Optional[int]]:
@@ -221,14 +220,18 @@ def _count(split: Dataset, column: str) -> dict[str, Optional[int]]:
 
 
 def format_summary(prepared: PreparedData) -> str:
-    """A few lines for DATA=1: per split documents, tokens and blocks; where the data is; built or reused."""
+    """A few lines for DATA=1: per split documents, tokens and blocks (and what else the task counts); where the
+    data is; built or reused."""
+    from rafale.tasks import TASKS
+
     lines = [f"data: {prepared.path} ({'reused' if prepared.reused else 'built'})"]
     for split, counts in prepared.summary.items():
         documents = "?" if counts["documents"] is None else f"{counts['documents']:,}"
+        more = "".join(f", {value:,} {name}" for name, value in counts.items()
+                       if name not in ("documents", "tokens", "blocks"))
         lines.append(f"  {split:<10} {documents:>12} documents {counts['tokens']:>14,} tokens "
-                     f"{counts['blocks']:>10,} blocks")
+                     f"{counts['blocks']:>10,} blocks{more}")
     lines.append(f"  tokenizer  {prepared.tokenizer_file} (vocabulary {prepared.tokenizer.get_vocab_size():,}, "
                  f"eos {prepared.eos_token_id}, pad {prepared.pad_token_id})")
-    if prepared.labels is not None:
-        lines.append(f"  labels     {', '.join(f'{i}: {name}' for i, name in enumerate(prepared.labels))}")
+    lines.extend(TASKS[prepared.task].summary_lines(prepared))
     return "\n".join(lines)

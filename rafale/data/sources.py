@@ -66,7 +66,24 @@ def source_fingerprint(settings: DataSettings) -> dict[str, Any]:
     return {"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def _local_files(path: str) -> dict[str, list[Path]]:
+def check_source(settings: DataSettings, synthetic_corpora: tuple[str, ...] = SYNTHETIC_CORPORA) -> None:
+    """What can be told about the source without reading it, when the run file is read: a known synthetic corpus,
+    and a local folder that holds data files (or is a saved dataset)."""
+    path = settings.dataset_path
+    if path.startswith(SYNTHETIC_PREFIX):
+        corpus = path[len(SYNTHETIC_PREFIX):]
+        if corpus not in synthetic_corpora:
+            raise RafaleError(f"{KEY}: unknown synthetic corpus {corpus!r} for this task; valid: "
+                              + ", ".join(SYNTHETIC_PREFIX + c for c in synthetic_corpora))
+        return
+    folder = Path(path)
+    if settings.is_prepared or not folder.is_dir() or is_saved_dataset(folder):
+        return
+    if not any(file.suffix.lower() in BUILDERS for file in folder.rglob("*") if file.is_file()):
+        raise RafaleError(f"{KEY}: no data files ({', '.join(BUILDERS)}) in {folder}")
+
+
+def _local_files(path: str, splits: tuple[str, ...] = ("train", "validation")) -> dict[str, list[Path]]:
     """The supported files of a file, folder or glob, by split ("train", maybe "validation")."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
@@ -80,7 +97,7 @@ def _local_files(path: str) -> dict[str, list[Path]]:
     else:
         by_split = {"train": [Path(f) for f in sorted(glob.glob(path, recursive=True)) if os.path.isfile(f)]}
     by_split = {split: sorted(f for f in files if f.suffix.lower() in BUILDERS)
-                for split, files in by_split.items() if split in ("train", "validation")}
+                for split, files in by_split.items() if split in splits}
     if not by_split.get("train"):
         if source.is_file():
             raise RafaleError(f"{KEY}: {source}: unsupported file type; use {', '.join(BUILDERS)}")
@@ -207,7 +224,6 @@ def load_documents(settings: DataSettings, work_dir: Path, extra_columns: dict[s
     documents is carved from train: at random (with `split_seed`) when `shuffle_dataset`, else from its end.
     Intermediate files go to `work_dir`, never beside the source.
     """
-    import datasets
 
     raw = _load_raw(settings, work_dir)
     source = settings.dataset_path
@@ -233,14 +249,22 @@ def load_documents(settings: DataSettings, work_dir: Path, extra_columns: dict[s
         if settings.shuffle_dataset:
             dataset = dataset.shuffle(seed=settings.split_seed, keep_in_memory=True)
         splits[split] = dataset
-    train = splits["train"]
+    return with_validation(splits, settings, "document")
+
+
+def with_validation(splits: dict, settings: DataSettings, what: str) -> DatasetDict:
+    """The splits, with `validation_fraction` of train carved off its end when the source has no validation split
+    (the documents were shuffled before, where `shuffle_dataset`)."""
+    import datasets
+
+    train, source = splits["train"], settings.dataset_path
     if len(train) == 0:
-        raise RafaleError(f"{KEY}: no documents in {source}")
+        raise RafaleError(f"{KEY}: no {what}s in {source}")
     if "validation" not in splits:
         if len(train) < 2:
-            raise RafaleError(f"{KEY}: {source} has 1 document; a validation split needs at least 2")
+            raise RafaleError(f"{KEY}: {source} has 1 {what}; a validation split needs at least 2")
         # The end of the (shuffled) documents: at least one of them, and at least one left to train on.
         cut = len(train) - min(math.ceil(settings.validation_fraction * len(train)), len(train) - 1)
-        splits = {"train": train.select(range(cut), keep_in_memory=True),
+        splits = {**splits, "train": train.select(range(cut), keep_in_memory=True),
                   "validation": train.select(range(cut, len(train)), keep_in_memory=True)}
     return datasets.DatasetDict(splits)

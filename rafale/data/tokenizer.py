@@ -1,7 +1,7 @@
 """The tokenizer: loaded from a tokenizer.json, a folder or the hub, or trained on the fly and cached.
 
-For the causal LM pipeline a trained tokenizer is a byte-level BPE (no unknown tokens, any text round-trips)
-with "<|endoftext|>" as id 0 and "<|padding|>" as id 1, as in GPT-NeoX. For the encoder pipelines (MLM,
+For decoder tasks a trained tokenizer is a byte-level BPE (no unknown tokens, any text round-trips)
+with "<|endoftext|>" as id 0 and "<|padding|>" as id 1, as in GPT-NeoX. For the encoder tasks (MLM,
 classification) it is a BERT-style WordPiece (cased) with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0 to 4 and
 BERT's post-processor ([CLS] A [SEP], [CLS] A [SEP] B [SEP] with segment ids). Either is cached under
 `<cache>/tokenizers/` by a hash of the text it was trained on, its kind and its vocabulary size, so a dataset
@@ -53,32 +53,27 @@ def find_tokenizer_file(path: str) -> Optional[Path]:
     return None
 
 
-def trained_kind(pipeline: str) -> str:
-    """The kind of tokenizer a pipeline trains when none is given: encoders need BERT's special tokens."""
-    return BPE if pipeline == "causal_lm" else WORDPIECE
+def trained_name(vocab_size: int, kind: str) -> str:
+    """`bpe<vocab>` or `wordpiece<vocab>`: how a tokenizer of `kind` (BPE, WORDPIECE) trained on the fly is named."""
+    return f"{'bpe' if kind == BPE else 'wordpiece'}{vocab_size}"
 
 
-def trained_name(vocab_size: int, pipeline: str) -> str:
-    """`bpe<vocab>` or `wordpiece<vocab>`: how a tokenizer trained on the fly is named."""
-    return f"{'bpe' if trained_kind(pipeline) == BPE else 'wordpiece'}{vocab_size}"
-
-
-def tokenizer_name(settings: DataSettings, pipeline: str = "causal_lm") -> str:
+def tokenizer_name(settings: DataSettings, kind: str = BPE) -> str:
     """The readable name in the cache folder's name: configured, else from the path, else `bpe<vocab>` (or
     `wordpiece<vocab>`)."""
     if settings.tokenizer_name:
         return settings.tokenizer_name
     if settings.tokenizer_path is None:
-        return trained_name(settings.vocab_size, pipeline)
+        return trained_name(settings.vocab_size, kind)
     path = Path(settings.tokenizer_path)
     name = path.parent.name if path.name == "tokenizer.json" else path.stem if path.suffix == ".json" else path.name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "tokenizer"
 
 
-def tokenizer_identity(settings: DataSettings, pipeline: str = "causal_lm") -> dict:
-    """What identifies the tokenizer before it exists: the content of a file, a hub name, or how it is trained."""
+def tokenizer_identity(settings: DataSettings, kind: str = BPE) -> dict:
+    """What identifies the tokenizer before it exists: the content of a file, a hub name, or how it is trained (a
+    tokenizer of `kind`)."""
     if settings.tokenizer_path is None:
-        kind = trained_kind(pipeline)
         return {"trained": kind, "vocab_size": settings.vocab_size, "version": TRAINER_VERSIONS[kind]}
     file = find_tokenizer_file(settings.tokenizer_path)
     if file is None:

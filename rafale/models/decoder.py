@@ -141,9 +141,12 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
         labels: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]; or, given labels [B, T] (the token each position predicts,
-        -100 where none), their mean cross-entropy, with the head and the loss fused (loss.py).
+        -100 where none), their cross-entropy with the head and the loss fused (loss.py): the mean over labelled
+        tokens, their sum, or per token ([B, T], `reduction="none"`, from which loss.sequence_log_probs sums each
+        row's log-probabilities).
 
         The loss is computed here rather than by the caller so that under FSDP it runs where the head's weights
         are gathered.
@@ -151,7 +154,7 @@ class Decoder(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
         if labels is None:
             return self.lm_head(hidden)
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, reduction=reduction)
 
     def hidden_states(
         self,

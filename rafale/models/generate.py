@@ -134,14 +134,16 @@ def generate_text(
     seed: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    add_special_tokens: bool = True,
 ) -> list[dict]:
     """Continue each prompt (one batch, left-padded) and decode: [{"prompt", "text", "token_ids"}, ...].
 
-    text and token_ids are the new tokens only, up to (not including) the end-of-text token.
+    text and token_ids are the new tokens only, up to (not including) the end-of-text token. `add_special_tokens`
+    False encodes the prompts as training encoded the text (without the tokenizer's post-processor, a BOS say).
     """
     eos = eos_token_id if eos_token_id is not None else find_eos(tokenizer)
     pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
-    rows = [encoding.ids for encoding in tokenizer.encode_batch(prompts)]
+    rows = [encoding.ids for encoding in tokenizer.encode_batch(prompts, add_special_tokens=add_special_tokens)]
     for i, row in enumerate(rows):
         if not row:
             # An empty prompt starts a new document, which is what the end-of-text token marks in training.
@@ -181,12 +183,35 @@ def fill_mask(model, tokenizer, prompts: list[str], mask_token_id: int, top_k: i
     return results
 
 
-def generate_from_folder(path: str | Path, prompts: list[str], **options) -> list[dict]:
-    """generate_text with the model and tokenizer.json of a Hugging Face folder, or of a run folder's `model/`."""
+def model_folder(path: str | Path) -> Path:
+    """The Hugging Face folder that `path` names: itself, or a run folder's `model/`."""
+    path = Path(path)
+    return path / "model" if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file() else path
+
+
+def chat_prompts(folder: str | Path, messages: list[str]) -> list[str]:
+    """Each message as a user turn rendered by the folder's chat template (tokenizer_config.json's, as a
+    fine-tuned export carries it), with the generation prompt: what the model saw before its answers in training."""
+    import json
+
+    from rafale.data.formats import render_chat
+
+    config_file = model_folder(folder) / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    template = settings.get("chat_template")
+    if not isinstance(template, str):
+        raise RafaleError(f"{config_file}: no chat_template (a model fine-tuned by rafale's sft task carries one); "
+                          f"leave out --chat to continue the prompts as plain text")
+    tokens = {name: settings.get(name) or "" for name in ("eos_token", "bos_token")}
+    return [render_chat([{"role": "user", "content": message}], template, True, **tokens) for message in messages]
+
+
+def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = False, **options) -> list[dict]:
+    """generate_text with the model and tokenizer.json of a Hugging Face folder, or of a run folder's `model/`;
+    `chat` renders each prompt as a user turn with the folder's chat template first (`chat_prompts`)."""
     from tokenizers import Tokenizer
 
-    path = Path(path)
-    folder = path / "model" if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file() else path
+    folder = model_folder(path)
     if not (folder / TOKENIZER_FILE).is_file():
         raise RafaleError(f"{folder}: no {TOKENIZER_FILE} beside the model (export with a tokenizer to generate text)")
     try:
@@ -200,4 +225,8 @@ def generate_from_folder(path: str | Path, prompts: list[str], **options) -> lis
                           f"vocabulary is {model.config.vocab_size}; this tokenizer does not belong to this model")
     if torch.cuda.is_available():
         model = model.cuda()
+    if chat:
+        # Encoded as training encoded the rendered text: the template writes any special tokens itself.
+        results = generate_text(model, tokenizer, chat_prompts(folder, prompts), add_special_tokens=False, **options)
+        return [{**result, "prompt": prompt} for prompt, result in zip(prompts, results)]
     return generate_text(model, tokenizer, prompts, **options)

@@ -23,6 +23,12 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of the fused head: losses [N] (zero where the label is ignored).
+
+    The reductions (mean, sum, per-sequence sums) are plain tensor ops on these losses, so every reduction shares
+    this one fused step; its backward receives one gradient per row, which scales that row's softmax minus one-hot.
+    """
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index):
         device = hidden.device.type
@@ -45,14 +51,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 losses[start:end] = log_total - scores.gather(-1, target)[:, 0]
                 scores.sub_(log_total[:, None]).exp_().scatter_add_(-1, target, minus_one.expand(len(target), 1))
                 chunk.copy_(scores)
-        count = valid.sum()
-        ctx.save_for_backward(hidden, weight, bias, logits, valid, count)
-        return torch.where(valid, losses, 0.0).sum() / count
+        ctx.save_for_backward(hidden, weight, bias, logits, valid)
+        return torch.where(valid, losses, 0.0)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, bias, grad_logits, valid, count = ctx.saved_tensors
-        factor = (grad_loss * valid / count)[:, None]
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, grad_logits, valid = ctx.saved_tensors
+        factor = (grad_losses * valid)[:, None]
         dtype = grad_logits.dtype
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -64,13 +69,37 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of `F.linear(hidden [..., H], weight [V, H], bias [V])` against `labels [...]`, over the
-    labels that are not ignore_index: `F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=...)`."""
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, labels.flatten(), ignore_index)
+    """Cross-entropy of `F.linear(hidden [..., H], weight [V, H], bias [V])` against `labels [...]`, as
+    `F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=..., reduction=...)`.
+
+    "mean": over the labels that are not ignore_index (0 when there are none, rather than NaN, so that a
+    microbatch without labels adds nothing); "sum": their sum; "none": one loss per label, shaped like `labels`,
+    0 where ignored (`sequence_log_probs` sums them per row)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    flat_labels = labels.flatten()
+    losses = LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, flat_labels, ignore_index)
+    if reduction == "none":
+        return losses.view(labels.shape)
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    return total / (flat_labels != ignore_index).sum().clamp(min=1)
+
+
+def sequence_log_probs(token_losses: torch.Tensor, labels: torch.Tensor,
+                       ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p over each row's labelled positions [B] in fp32, their count [B]) from the per-token losses
+    [B, T] that `linear_cross_entropy(..., reduction="none")` returns."""
+    return -token_losses.float().sum(-1), (labels != ignore_index).sum(-1)

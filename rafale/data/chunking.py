@@ -1,37 +1,25 @@
-"""The causal LM pipeline: documents -> token ids with an EOS after each -> one stream per split -> blocks.
+"""Concatenate and chunk: documents -> token ids with an EOS after each -> one stream per split -> blocks.
 
-Blocks are cut from the whole split's stream at once (not per `map` batch or per process), so they are the
-same whatever `num_processes` is, and joined back together they are exactly the stream. The last partial
-block is dropped (`tail: drop`) or kept as a shorter row (`tail: pad`) that the collator pads.
+What the causal LM and the MLM (in its "chunk" mode) make their rows with. Blocks are cut from the whole split's
+stream at once (not per `map` batch or per process), so they are the same whatever `num_processes` is, and
+joined back together they are exactly the stream. The last partial block is dropped (`tail: drop`) or kept as a
+shorter row (`tail: pad`) that the collator pads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rafale.config import DataSettings
 from rafale.errors import RafaleError
 
 if TYPE_CHECKING:
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset
     from tokenizers import Tokenizer
 
 # The column that holds each document's token ids between tokenizing and chunking.
 TOKENS = "tokens"
-
-
-def prepare(documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings: DataSettings,
-            work: Path) -> tuple[dict[str, Dataset], dict[str, dict[str, int]], dict[str, Any]]:
-    """(blocks per split, their summary, what meta.json should add: nothing here)."""
-    splits, summary = {}, {}
-    for split, docs in documents.items():
-        tokens = tokenize(docs, settings.text_column, tokenizer, eos_id, settings.num_processes,
-                          work / f"{split}.arrow")
-        blocks, kept = chunk(tokens, settings, split)
-        splits[split] = blocks
-        summary[split] = {"documents": len(docs), "tokens": kept, "blocks": len(blocks)}
-    return splits, summary, {}
 
 
 def tokenize(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, num_processes: int,
