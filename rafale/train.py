@@ -421,13 +421,15 @@ def debug_run(config: RunFile) -> bool:
     reproducibility.seed_all(config.run.seed)
     prepared = prepared_data(config)
     train_loader, _ = build_dataloaders(config.task, prepared, config.data.config, config.run.seed)
-    rows = min(config.data.config.train_batch_size // dist.get_world_size(), len(train_loader.dataset))
+    world = dist.get_world_size()
+    global_rows = min(config.data.config.train_batch_size, len(train_loader.dataset) // world * world)
+    rows = global_rows // world
     # The same single batch for training and eval, as a real DataLoader so Composer knows its batch size. MLM
     # masking is seeded by the batch's ids, so it is also the same masked batch at every step: a fixed target.
-    # Each process takes its own share of the first global batch.
-    start = dist.get_global_rank() * rows
-    first_rows = Subset(train_loader.dataset, range(start, start + rows))
-    one_batch = DataLoader(first_rows, batch_size=rows, collate_fn=train_loader.collate_fn)
+    # Under the launcher each process takes its share of the first global batch, as a real run's sampler deals it.
+    first_rows = Subset(train_loader.dataset, range(global_rows))
+    one_batch = DataLoader(first_rows, batch_size=rows, collate_fn=train_loader.collate_fn,
+                           sampler=dist.get_sampler(first_rows, shuffle=False, drop_last=True))
     reproducibility.seed_all(config.run.seed)
     model = build_language_model(config, prepared)
     steps = config.run.debug_steps
@@ -446,7 +448,7 @@ def debug_run(config: RunFile) -> bool:
     verdict = "PASS" if passed else "FAIL"
     _say(
         f"DEBUG {verdict}: loss {first:.4f} -> {last:.4f} ({100 * last / first:.1f}% of the first) "
-        f"after {len(history.losses)} of at most {steps} steps on one batch of {rows}; passing needs "
+        f"after {len(history.losses)} of at most {steps} steps on one batch of {global_rows}; passing needs "
         f"<= {100 * DEBUG_TARGET:.0f}%"
     )
     for problem in problems:

@@ -12,9 +12,9 @@ import torch
 
 from rafale.config import RunFile
 from rafale.data import prepare_data
-from rafale.tasks.classification import ClassificationCollator
 from rafale.data.sentiment import generate_sentiment
 from rafale.errors import RafaleError
+from rafale.tasks.classification import ClassificationCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "corpora" / "sst2-validation"

@@ -120,7 +120,7 @@ def test_missing_run_file(tmp_path):
 def test_bundled_run_files_load():
     root = Path(__file__).parent
     for name in ("pythia_tinystories.yaml", "pythia_tinystories_hub.yaml", "bert_tiny_mlm.yaml",
-                 "bert_tiny_classify.yaml", "bert_tiny_imdb.yaml"):
+                 "bert_tiny_classify.yaml", "bert_tiny_imdb.yaml", "pythia_sft.yaml"):
         config = load_run_file(root / name)
         assert config.run.name
 
@@ -176,6 +176,7 @@ def test_an_optional_logger_that_is_not_installed_is_one_line_naming_the_extra(t
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == module else real_find_spec(name, *rest))
     message = error_of(tmp_path, VALID + f"logging:\n  {key}: true\n")
     assert message.endswith(f"logging.{key}: needs {module}, which is not installed; pip install \"rafale[{module}]\"")

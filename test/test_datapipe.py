@@ -13,8 +13,8 @@ from datasets import Dataset
 
 from rafale.config import RunFile, load_run_file
 from rafale.data import build_dataloaders, format_summary, prepare_data
-from rafale.data.collate import PaddingCollator
 from rafale.data import tokenizer as tokenizer_module
+from rafale.data.collate import PaddingCollator
 from rafale.data.synthetic import generate_stories
 from rafale.errors import RafaleError
 

@@ -48,3 +48,43 @@ def test_debug_passes(tmp_path, preset, pipeline, corpus, length, extra):
                           text=True, timeout=300,
                           env={**os.environ, "RAFALE_CACHE_DIR": str(tmp_path / "cache"), "DEBUG": "1"})
     assert done.returncode == 0 and "DEBUG PASS" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_decoder_that_sees_the_future_fails_although_its_loss_falls(tmp_path, monkeypatch, capsys):
+    """Attention without its causal mask lets each position copy the next token: the loss falls faster than a
+    healthy model's, so only the causality check can tell."""
+    import torch.nn.functional as F
+
+    from rafale.config import load_run_file
+    from rafale.train import debug_run
+
+    attention = F.scaled_dot_product_attention
+
+    def leaking(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        return attention(q, k, v, attn_mask=None, dropout_p=dropout_p, is_causal=False, **kwargs)
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    run_file = tmp_path / "debug.yaml"
+    run_file.write_text(DEBUG_RUN.format(preset="pythia-tiny", pipeline="causal_lm", corpus="stories", length=32,
+                                         extra=""))
+    config = load_run_file(run_file)
+    assert debug_run(config)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", leaking)
+    assert not debug_run(config)
+    output = capsys.readouterr().out
+    assert "DEBUG FAIL: the model sees the future: changing tokens" in output
+    # Its loss did fall: the loss alone would have passed it.
+    import re
+
+    leaked_share = float(re.findall(r"DEBUG FAIL: loss \S+ -> \S+ \(([\d.]+)% of the first\)", output)[-1])
+    assert leaked_share <= 10
+
+
+@pytest.mark.parametrize("name", ["pythia_tinystories.yaml", "bert_tiny_mlm.yaml", "bert_tiny_classify.yaml",
+                                  "pythia_sft.yaml"])
+def test_debug_passes_on_the_shipped_run_files(tmp_path, name):
+    """The README's own DEBUG=1 commands, on the run files as shipped: a healthy model must pass."""
+    done = subprocess.run([sys.executable, "rafale/main", "-c", f"test/{name}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "RAFALE_CACHE_DIR": str(tmp_path / "cache"), "DEBUG": "1"})
+    assert done.returncode == 0 and "DEBUG PASS" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]

@@ -32,6 +32,8 @@ KEY = "data.config.dataset_path"
 # The `datasets` builder that reads each kind of file; `.txt` files are read by `_text_documents`.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": None}
 TEXT_FORMATS = {".txt", ".jsonl", ".json"}
+# The splits a source's files may form.
+SPLITS = ("train", "validation", "test")
 # The bundled corpora: stories (text) and sentiment (text and a "negative" / "positive" label).
 SYNTHETIC_CORPORA = ("stories", "sentiment")
 
@@ -45,7 +47,7 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _is_local(text: str) -> bool:
+def is_local(text: str) -> bool:
     """A path rather than a hub name (a missing `data.txt` is a missing file, not a dataset on the hub)."""
     return (os.path.isabs(text) or os.path.exists(text) or glob.has_magic(text)
             or Path(text).suffix.lower() in BUILDERS)
@@ -56,13 +58,14 @@ def source_fingerprint(settings: DataSettings) -> dict[str, Any]:
     path = settings.dataset_path
     if is_synthetic(settings):
         return {"synthetic": path, "documents": settings.synthetic_documents, "seed": settings.synthetic_seed}
-    if not _is_local(path):
+    if not is_local(path):
         return {"hub": path}
     folder = Path(path)
     if folder.is_dir() and is_saved_dataset(folder):
         files = sorted(p for p in folder.rglob("*") if p.is_file())
     else:
-        files = [file for split_files in _local_files(path).values() for file in split_files]
+        # Test files too: a task may read them (SFT scores its held-out answers on them).
+        files = [file for split_files in local_files(path, SPLITS).values() for file in split_files]
     return {"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
@@ -83,7 +86,7 @@ def check_source(settings: DataSettings, synthetic_corpora: tuple[str, ...] = SY
         raise RafaleError(f"{KEY}: no data files ({', '.join(BUILDERS)}) in {folder}")
 
 
-def _local_files(path: str, splits: tuple[str, ...] = ("train", "validation")) -> dict[str, list[Path]]:
+def local_files(path: str, splits: tuple[str, ...] = ("train", "validation")) -> dict[str, list[Path]]:
     """The supported files of a file, folder or glob, by split ("train", maybe "validation")."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
@@ -200,19 +203,19 @@ def _synthetic(settings: DataSettings) -> DatasetDict:
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": stories})})
 
 
-def _load_raw(settings: DataSettings, work_dir: Path) -> DatasetDict:
+def load_raw(settings: DataSettings, work_dir: Path) -> DatasetDict:
     import datasets
 
     path = settings.dataset_path
     if is_synthetic(settings):
         return _synthetic(settings)
-    if not _is_local(path):
+    if not is_local(path):
         return _load_hub(path)
     folder = Path(path)
     if folder.is_dir() and is_saved_dataset(folder):
         loaded = datasets.load_from_disk(str(folder))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-    return _load_files(_local_files(path), path, work_dir)
+    return _load_files(local_files(path), path, work_dir)
 
 
 def load_documents(settings: DataSettings, work_dir: Path, extra_columns: dict[str, str] | None = None
@@ -225,7 +228,7 @@ def load_documents(settings: DataSettings, work_dir: Path, extra_columns: dict[s
     Intermediate files go to `work_dir`, never beside the source.
     """
 
-    raw = _load_raw(settings, work_dir)
+    raw = load_raw(settings, work_dir)
     source = settings.dataset_path
     if "train" not in raw:
         raise RafaleError(f"{KEY}: {source} has no 'train' split; splits: {', '.join(raw)}")

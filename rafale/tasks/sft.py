@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 SYNTHETIC_INSTRUCTIONS = SYNTHETIC_PREFIX + "instructions"
 # Columns of the loaded records and of the prepared rows.
-RECORD, WHERE, TEXT, LABELS, PROMPT, REFERENCE = "record", "where", "text", "labels", "prompt", "reference"
+RECORD, WHERE, FORMAT, TEXT = "record", "where", "format", "text"
+LABELS, PROMPT, REFERENCE = "labels", "prompt", "reference"
 HELD_OUT_SPLITS = ("test", "validation")
 BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>")
 
@@ -126,8 +127,8 @@ class SupervisedFineTuning(CausalLM):
         format_settings = self.format_settings(settings)
         fmt = settings.format
         splits = {}
-        for split, records in self._records(settings).items():
-            columns: dict[str, list[str]] = {RECORD: [], WHERE: [], TEXT: []}
+        for split, records in self._records(settings, work).items():
+            columns: dict[str, list[str]] = {RECORD: [], WHERE: [], FORMAT: [], TEXT: []}
             for where, record in records:
                 if fmt == "auto":
                     fmt = formats.detect_format(record, where)
@@ -136,6 +137,7 @@ class SupervisedFineTuning(CausalLM):
                     raise formats.FormatError(f"{where}: the response is empty")
                 columns[RECORD].append(json.dumps(record, ensure_ascii=False))
                 columns[WHERE].append(where)
+                columns[FORMAT].append(fmt)
                 columns[TEXT].append("".join(text for text, _ in segments))
             dataset = datasets.Dataset.from_dict(columns)
             if settings.shuffle_dataset:
@@ -143,13 +145,12 @@ class SupervisedFineTuning(CausalLM):
             splits[split] = dataset
         if "train" not in splits:
             raise RafaleError(f"data.config.dataset_path: {settings.dataset_path} has no train split")
-        self.resolved_format = fmt
         return with_validation(splits, settings, "record")
 
-    def _records(self, settings: SFTSettings) -> dict[str, Any]:
+    def _records(self, settings: SFTSettings, work: Path) -> dict[str, Any]:
         """(where, record) pairs by split, lazily."""
         from rafale.data import formats
-        from rafale.data.sources import _is_local, _load_raw, _local_files, is_saved_dataset
+        from rafale.data.sources import SPLITS, is_local, is_saved_dataset, load_raw, local_files
 
         path = settings.dataset_path
         if path == SYNTHETIC_INSTRUCTIONS:
@@ -160,15 +161,15 @@ class SupervisedFineTuning(CausalLM):
                                                                                      "output")})
                               for i, record in enumerate(records)]}
         folder = Path(path)
-        if _is_local(path) and not (folder.is_dir() and is_saved_dataset(folder)):
-            by_split = _local_files(path, splits=("train", "validation", "test"))
+        if is_local(path) and not (folder.is_dir() and is_saved_dataset(folder)):
+            by_split = local_files(path, SPLITS)
             for files in by_split.values():
                 unsupported = [file for file in files if file.suffix.lower() not in (".json", ".jsonl")]
                 if unsupported:
                     raise RafaleError(f"data.config.dataset_path: {unsupported[0]}: SFT records are .jsonl or .json")
             return {split: (pair for file in files for pair in formats.read_records(file))
                     for split, files in by_split.items()}
-        raw = _load_raw(settings, Path("."))
+        raw = load_raw(settings, work)
         return {split: ((f"{path} ({split}) row {i + 1}", dict(row)) for i, row in enumerate(raw[split]))
                 for split in raw if split in ("train", "validation", "test")}
 
@@ -181,11 +182,11 @@ class SupervisedFineTuning(CausalLM):
         import datasets
 
         from rafale.data import formats
+        from rafale.models.loss import IGNORE_INDEX
 
         format_settings = self.format_settings(settings, tokenizer=tokenizer, eos_id=eos_id)
-        fmt = getattr(self, "resolved_format", settings.format)
-        if fmt == "auto":
-            fmt = formats.detect_format(json.loads(documents["train"][0][RECORD]), documents["train"][0][WHERE])
+        # The format every record was checked in: the setting's, or the one "auto" found in the first record.
+        fmt = documents["train"][0][FORMAT]
         length, key = settings.max_sequence_length, settings.input_id_key
         splits, summary = {}, {}
         for split, records in documents.items():
@@ -205,7 +206,7 @@ class SupervisedFineTuning(CausalLM):
                     ids, labels = ids[:length], labels[:length]
                     counts["truncated"] += 1
                     # The first label predicts nothing (position 0 has no context): a row needs one after it.
-                    if all(label == IGNORE for label in labels[1:]):
+                    if all(label == IGNORE_INDEX for label in labels[1:]):
                         counts["truncated"] -= 1
                         counts["dropped"] += 1
                         continue
@@ -215,7 +216,7 @@ class SupervisedFineTuning(CausalLM):
                     columns[PROMPT].append(formats.prompt_segments(record, where, format_settings, fmt))
                     columns[REFERENCE].append(formats.reference_response(record, where, format_settings, fmt))
                 counts["tokens"] += len(ids)
-                counts["response tokens"] += sum(label != IGNORE for label in labels)
+                counts["response tokens"] += sum(label != IGNORE_INDEX for label in labels)
             counts["blocks"] = len(columns[key])
             if not columns[key]:
                 raise RafaleError(f"data.config.max_sequence_length: every {split} row is longer than {length} "
@@ -266,12 +267,11 @@ class SupervisedFineTuning(CausalLM):
         return {"chat_template": template} if template else {}
 
 
-IGNORE = -100
-
-
 def tokenized(segments: list[tuple[str, bool]], tokenizer: Tokenizer, eos_id: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) of a record's segments, each encoded on its own. A trainable segment without the EOS
     gets one after it, so that every response ends with it (chatml writes it itself)."""
+    from rafale.models.loss import IGNORE_INDEX
+
     ids: list[int] = []
     labels: list[int] = []
     encodings = tokenizer.encode_batch_fast([text for text, _ in segments], add_special_tokens=False)
@@ -280,7 +280,7 @@ def tokenized(segments: list[tuple[str, bool]], tokenizer: Tokenizer, eos_id: in
         if trainable and eos_id not in segment:
             segment.append(eos_id)
         ids.extend(segment)
-        labels.extend(segment if trainable else [IGNORE] * len(segment))
+        labels.extend(segment if trainable else [IGNORE_INDEX] * len(segment))
     return ids, labels
 
 
