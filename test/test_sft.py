@@ -339,3 +339,32 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path):
     ours = load_file(cache / "checkpoints" / "resumed" / "model" / "model.safetensors")
     theirs = load_file(cache / "checkpoints" / "reference" / "model" / "model.safetensors")
     assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_fine_tuning_starts_from_a_hugging_face_folder_with_its_architecture_and_tokenizer(tmp_path, monkeypatch,
+                                                                                          family):
+    transformers = pytest.importorskip("transformers")
+    from rafale.data import prepare_data
+    from rafale.train import build_language_model
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                 max_position_embeddings=256)
+    if family == "llama":
+        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **shape))
+    else:
+        reference = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape))
+    folder = tmp_path / family
+    reference.save_pretrained(folder)
+    merging_tokenizer(folder)
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    # The run file names another preset: the folder's architecture wins, as its weights need.
+    config = load_run_file(run_file(tmp_path, "hf", {}, model={"config": "pythia-tiny", "use_pretrained": True,
+                                                               "pretrained_path": str(folder)}))
+    assert config.data.config.tokenizer_path == str(folder / "tokenizer.json")
+    model = build_language_model(config, prepare_data(config)).eval()
+    assert (model.config.n_layers, model.config.hidden_size) == (3, 64)
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference.eval()(ids).logits, rtol=1e-4, atol=1e-4)

@@ -72,8 +72,7 @@ class SupervisedFineTuning(CausalLM):
     def check_settings(self, settings: SFTSettings, where: str) -> None:
         from rafale.data.sources import check_source
 
-        if settings.dataset_path != SYNTHETIC_INSTRUCTIONS:
-            check_source(settings, synthetic_corpora=("instructions",))
+        check_source(settings, synthetic_corpora=(SYNTHETIC_INSTRUCTIONS[len(SYNTHETIC_PREFIX):],))
         check_settings(self.format_settings(settings, where), where)
 
     def cache_key(self, settings: SFTSettings) -> dict[str, Any]:
@@ -157,8 +156,8 @@ class SupervisedFineTuning(CausalLM):
             from rafale.data.instructions import generate_instructions
 
             records = generate_instructions(settings.synthetic_documents, settings.synthetic_seed)
-            return {"train": [(f"{path} record {i + 1}", {key: record[key] for key in ("instruction", "input",
-                                                                                     "output")})
+            alpaca = ("instruction", "input", "output")
+            return {"train": [(f"{path} record {i + 1}", {key: record[key] for key in alpaca})
                               for i, record in enumerate(records)]}
         folder = Path(path)
         if is_local(path) and not (folder.is_dir() and is_saved_dataset(folder)):
@@ -171,7 +170,7 @@ class SupervisedFineTuning(CausalLM):
                     for split, files in by_split.items()}
         raw = load_raw(settings, work)
         return {split: ((f"{path} ({split}) row {i + 1}", dict(row)) for i, row in enumerate(raw[split]))
-                for split in raw if split in ("train", "validation", "test")}
+                for split in raw if split in SPLITS}
 
     def tokenizer_text_column(self, settings: SFTSettings) -> str:
         return TEXT
