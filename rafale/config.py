@@ -258,12 +258,29 @@ class LoggingConfig(Section):
         return self
 
 
+class TransformRule(BaseModel):
+    """One rule of `transforms:` (rafale/transforms/): the modules it takes, its kind, and the kind's settings,
+    which are checked against the model before any data is prepared."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # A full-match regular expression over module names, or a short name: attention, mlp, all-linear.
+    modules: str = Field(min_length=1)
+    # "lora", ...; unset: the modules it takes stay as they are.
+    kind: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
 class RunFile(Section, Generic[Settings]):
     """A whole run file. `data.config` is validated by the settings class of the task that `data.pipeline` names."""
 
     run: RunConfig
     model: ModelConfig
     data: DataConfig[Settings]
+    # Rules that rewrite the built model before training, in order (LoRA adapters, ...).
+    transforms: list[TransformRule] = Field(default_factory=list)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     # Where the run file lives; relative paths in it were resolved against this folder.
     source: Optional[Path] = Field(default=None, exclude=True)

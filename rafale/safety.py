@@ -148,9 +148,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
 class SafeResume(Callback):
     """Checks the checkpoint that autoresume is about to load, and makes Composer's own load a weights_only one."""
 
-    def __init__(self, saver: AtomicCheckpointSaver, run_name: str):
+    def __init__(self, saver: AtomicCheckpointSaver, run_name: str, frozen: set[str] = frozenset()):
         self.saver = saver
         self.run_name = run_name
+        # Parameters that checkpoints leave out (they do not train).
+        self.frozen = frozen
         self._previous: Optional[str] = None
 
     def before_load(self, state: State, logger: Logger) -> None:
@@ -178,14 +180,14 @@ class SafeResume(Callback):
     def _check_model(self, path: Path, saved: dict, ours: dict) -> None:
         advice = f"use a new run.name, or delete {path.parent.parent} to start over"
         where = f"{path}: run.name {self.run_name!r} already has checkpoints of another model"
-        missing = [name for name in ours if name not in saved]
+        missing = [name for name in ours if name not in saved and name not in self.frozen]
         unexpected = [name for name in saved if name not in ours]
         if missing or unexpected:
             listed = [f"missing tensors: {', '.join(missing[:3])}"] if missing else []
             listed += [f"unexpected tensors: {', '.join(unexpected[:3])}"] if unexpected else []
             raise RafaleError(f"{where} ({'; '.join(listed)}); {advice}")
         for name, tensor in ours.items():
-            if tuple(saved[name].shape) != tuple(tensor.shape):
+            if name in saved and tuple(saved[name].shape) != tuple(tensor.shape):
                 raise RafaleError(f"{where} ({name}: {list(saved[name].shape)} in the checkpoint, "
                                   f"{list(tensor.shape)} in this run file); {advice}")
 
@@ -272,8 +274,19 @@ class StopOnNonFiniteLoss(Callback):
                             f"(run.clip_type), then train under a new run.name")
 
 
-def checkpoint_callbacks(config: RunFile, folder: Path) -> list[Callback]:
-    """The saver of the run's checkpoints and the callbacks that guard them, in the order they must run."""
+def checkpoint_callbacks(config: RunFile, folder: Path, frozen: tuple[str, ...] = ()) -> list[Callback]:
+    """The saver of the run's checkpoints and the callbacks that guard them, in the order they must run.
+
+    `frozen`: the model's parameters that do not train (a LoRA run's base), left out of the checkpoints: a resumed
+    run rebuilds them as the first start did (from the pretrained folder, or the seed)."""
+    frozen_keys = [f"model.{name}" for name in frozen]
+
+    def drop_frozen(state_dict: dict) -> None:
+        model = state_dict.get("state", {}).get("model")
+        if isinstance(model, dict):
+            for key in frozen_keys:
+                model.pop(key, None)
+
     saver = AtomicCheckpointSaver(
         folder=str(folder),
         filename="ep{epoch}-ba{batch}-rank{rank}.pt",
@@ -282,6 +295,8 @@ def checkpoint_callbacks(config: RunFile, folder: Path) -> list[Callback]:
         remote_file_name=None,
         save_interval=config.run.save_interval,
         num_checkpoints_to_keep=config.run.save_num_checkpoints_to_keep,
+        ignore_keys=drop_frozen if frozen_keys else None,
     )
     # StopOnSignal last: it ends the run from fit_end, after every other callback's.
-    return [saver, SafeResume(saver, config.run.name), StopOnNonFiniteLoss(saver), StopOnSignal(saver, config.source)]
+    return [saver, SafeResume(saver, config.run.name, set(frozen_keys)), StopOnNonFiniteLoss(saver),
+            StopOnSignal(saver, config.source)]

@@ -27,6 +27,7 @@ from composer.optim.scheduler import (
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader, Subset
 
+from rafale import transforms
 from rafale.config import RunFile, cache_root
 from rafale.data import PreparedData, build_dataloaders, format_summary, prepare_data
 from rafale.data.cache import ready_file
@@ -129,9 +130,18 @@ def check_model(config: RunFile) -> None:
         raise RafaleError(f"{config.at('model.' + unknown[0])}: not a setting of this model; valid: "
                           f"{', '.join(config_class.keys())}")
     try:
-        config_class(**{**PRESETS[config.model.config], **overrides})
+        model_config = config_class(**{**PRESETS[config.model.config], **overrides})
     except RafaleError as error:
         raise RafaleError(config.at(str(error))) from None
+    if config.transforms:
+        # The rules against the modules' names, on a model without memory: the names do not depend on sizes.
+        source = config.model.pretrained_path if config.model.use_pretrained else None
+        with torch.device("meta"):
+            model = build(config_from_folder(source) if source else model_config)
+        try:
+            transforms.plan(model, [rule.as_dict() for rule in config.transforms])
+        except RafaleError as error:
+            raise RafaleError(config.at(str(error))) from None
 
 
 def build_language_model(config: RunFile, prepared: PreparedData) -> torch.nn.Module:
@@ -160,11 +170,14 @@ def build_language_model(config: RunFile, prepared: PreparedData) -> torch.nn.Mo
             f"{model.config.vocab_size}; raise model.vocab_size or use a smaller tokenizer"
         )
     config.task.check_built_model(config, model)
+    fresh = []
     if config.model.use_pretrained:
         fresh = load_weights(model, config.model.pretrained_path)
         if fresh:
             _say(f"model: {', '.join(fresh)} not in {config.model.pretrained_path}: they start as initialised")
-    return model
+    # A head the pretrained folder lacked keeps training when a transform freezes the rest.
+    return transforms.apply(model, [rule.as_dict() for rule in config.transforms], keep_trainable=tuple(fresh),
+                            say=_say)
 
 
 def _decoupled_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -177,7 +190,8 @@ def _decoupled_param_groups(model: torch.nn.Module, weight_decay: float) -> list
     }
     decay, no_decay = [], []
     for parameter in model.parameters():  # each shared parameter once
-        (no_decay if id(parameter) in exempt else decay).append(parameter)
+        if parameter.requires_grad:  # frozen parameters (a LoRA run's base) stay out of the optimizer
+            (no_decay if id(parameter) in exempt else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -239,7 +253,7 @@ def _shard_by_block(model: torch.nn.Module) -> None:
     model.fsdp_wrap_fn = lambda module: module in blocks
 
 
-def _whole_model(trainer: Trainer, model: torch.nn.Module) -> Optional[torch.nn.Module]:
+def _whole_model(trainer: Trainer, model: torch.nn.Module, config: RunFile) -> Optional[torch.nn.Module]:
     """The trained model, whole, on rank 0 (None on the other ranks).
 
     Under FSDP every rank holds a shard of each parameter: they are gathered onto rank 0's CPU into a plain copy,
@@ -253,7 +267,7 @@ def _whole_model(trainer: Trainer, model: torch.nn.Module) -> Optional[torch.nn.
     state = get_model_state_dict(trainer.state.model.model, sharded_state_dict=False, cpu_offload=True)
     if dist.get_global_rank() != 0:
         return None
-    whole = build(model.config)
+    whole = transforms.apply(build(model.config), [rule.as_dict() for rule in config.transforms], say=lambda _: None)
     whole.load_state_dict(state)
     return whole
 
@@ -329,7 +343,8 @@ def trainer_arguments(config: RunFile, model: torch.nn.Module, train_loader: Dat
     if parallelism:
         _shard_by_block(model)
     task = config.task
-    guards = checkpoint_callbacks(config, checkpoints) if checkpoints is not None else []
+    frozen = tuple(transforms.frozen_parameters(model))
+    guards = checkpoint_callbacks(config, checkpoints, frozen) if checkpoints is not None else []
     return dict(
         model=TaskModel(task, model),
         train_dataloader=_data_spec(train_loader, task),
@@ -395,10 +410,14 @@ def train_run(config: RunFile) -> Path:
         trainer.fit()
     trainer.close()
 
-    whole = _whole_model(trainer, model)
+    whole = _whole_model(trainer, model, config)
     if whole is not None:
-        export_model(whole, folder / "model", prepared, config)
+        export_model(transforms.merged(whole), folder / "model", prepared, config)
         _say(f"model exported to {folder / 'model'}")
+        adapter = transforms.save_peft_adapter(whole, folder / "model" / "adapter",
+                                               config.model.pretrained_path or "")
+        if adapter is not None:
+            _say(f"adapter exported to {adapter} (PEFT format)")
         config.task.report(whole, prepared, config, progress.eval_metrics, _say)
     return folder
 

@@ -329,7 +329,9 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = cache / "checkpoints" / "resumed" / "checkpoints" / "ep0-ba4-rank0.pt"
     deadline = time.monotonic() + 240
-    while not checkpoint.exists():
+    latest = checkpoint.with_name("latest-rank0.pt")
+    # Saved and pointed at by `latest`, which autoresume follows.
+    while not (checkpoint.exists() and latest.exists() and latest.resolve() == checkpoint):
         assert killed.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     killed.send_signal(signal.SIGKILL)

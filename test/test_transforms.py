@@ -1,0 +1,202 @@
+"""Transforms from the run file: rules pick modules by name, LoRA adapters start as no-ops, touch only the rows
+they should, freeze the base, merge exactly, and export in PEFT's format; a LoRA run checkpoints its adapters only
+and resumes bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rafale import transforms
+from rafale.errors import RafaleError
+from rafale.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lora(modules="attention", **settings):
+    return {"modules": modules, "kind": "lora", **settings}
+
+
+def randomise_adapters(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in transforms.adapters(model).values():
+            module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("preset, overrides", [("pythia-tiny", {}), ("llama-tiny", {}),
+                                               ("bert-test-tiny", {"head": "mlm"})])
+def test_a_fresh_adapter_leaves_the_output_unchanged_and_merging_is_exact(preset, overrides):
+    torch.manual_seed(0)
+    model = build_model(preset, overrides).eval()
+    ids = torch.randint(5, 100, (2, 12))
+    before = model(ids)
+    transforms.apply(model, [lora("all-linear", r=4, alpha=8)], say=lambda _: None)
+    assert torch.equal(model(ids), before)
+    randomise_adapters(model)
+    after = model(ids)
+    assert not torch.allclose(after, before)
+    merged = transforms.merged(model)
+    assert not transforms.adapters(merged) and transforms.adapters(model)
+    torch.testing.assert_close(merged(ids), after, rtol=1e-5, atol=1e-5)
+    # The merged model is a plain model: its state dict has the base names alone.
+    assert set(merged.state_dict()) == set(build_model(preset, overrides).state_dict())
+
+
+def test_an_adapter_on_q_and_v_changes_only_those_rows_of_the_fused_projection():
+    torch.manual_seed(0)
+    model = build_model("llama-tiny")
+    c = model.config
+    base = torch.nn.Linear(c.hidden_size, (c.n_heads + 2 * c.kv_heads) * c.head_dim, bias=c.attention_bias)
+    base.load_state_dict(model.blocks[0].attn.qkv.state_dict())
+    transforms.apply(model, [lora("attention", projections=["q", "v"])], say=lambda _: None)
+    randomise_adapters(model)
+    x = torch.randn(3, c.hidden_size)
+    ours, theirs = model.blocks[0].attn.qkv(x), base(x)
+    q, k = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    assert torch.equal(ours[:, q:q + k], theirs[:, q:q + k])
+    assert not torch.allclose(ours[:, :q], theirs[:, :q]) and not torch.allclose(ours[:, q + k:], theirs[:, q + k:])
+    delta = model.blocks[0].attn.qkv.delta_weight()
+    assert delta[q:q + k].abs().max() == 0
+    torch.testing.assert_close(ours, theirs + x @ delta.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_base_is_frozen_names_are_kept_and_the_report_counts_parameters():
+    model = build_model("pythia-tiny")
+    names = set(model.state_dict())
+    lines = []
+    transforms.apply(model, [{"modules": r"blocks\.0\.attn\.qkv"}, lora("attention", r=2)], say=lines.append)
+    report = lines[0]
+    assert "transforms[0] (unchanged on 'blocks\\\\.0\\\\.attn\\\\.qkv'): 1 modules" in report
+    assert "transforms[1] (lora on 'attention'): 3 modules" in report  # block 0's qkv was the first rule's
+    assert not isinstance(model.blocks[0].attn.qkv, transforms.LoRALinear)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.attn.{m}.lora_{x}" for i, m in ((0, "proj"), (1, "qkv"), (1, "proj"))
+                         for x in "AB"}
+    assert names <= set(model.state_dict())  # the base tensors keep their names
+    count = sum(model.get_parameter(name).numel() for name in trainable)
+    assert f"parameters: {count:,} trainable" in report
+
+
+@pytest.mark.parametrize("rules, expected", [
+    ([lora("attn")], r"transforms\[0\] \(lora on 'attn'\): it matches no module; the linear layers are blocks"),
+    ([lora("attention"), lora(r"blocks\.0\.attn\.qkv")], r"transforms\[1\] .*taken by an earlier rule"),
+    ([{"modules": "mlp", "kind": "lorax"}], r"transforms\[0\]\.kind: unknown kind 'lorax'; valid: lora"),
+    ([lora(rank=4)], r"transforms\[0\]\.rank: lora has no setting 'rank'; valid: r, alpha"),
+    ([lora(r=0)], r"transforms\[0\]\.r: Input should be greater than 0"),
+    ([lora("blocks[")], r"transforms\[0\]\.modules: not a regular expression"),
+])
+def test_rule_mistakes_name_the_rule(rules, expected):
+    with pytest.raises(RafaleError, match=expected):
+        transforms.plan(build_model("pythia-tiny"), rules)
+
+
+def test_heads_are_left_out_unless_a_rule_names_them():
+    model = build_model("pythia-tiny")
+    [(_, everything)] = transforms.plan(model, [lora(".*")])
+    assert "lm_head" not in everything
+    [(_, head)] = transforms.plan(model, [lora("lm_head")])
+    assert head == ["lm_head"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_the_peft_adapter_loads_onto_the_base_for_the_same_logits(tmp_path, family):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from rafale.models import load_pretrained
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                 max_position_embeddings=128)
+    if family == "llama":
+        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **shape))
+    else:
+        reference = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape))
+    reference.save_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
+    transforms.apply(model, [lora("attention", r=4, alpha=16, projections=["q", "v"]), lora("mlp", r=4, alpha=16)],
+                     say=lambda _: None)
+    randomise_adapters(model)
+    folder = transforms.save_peft_adapter(model, tmp_path / "adapter", str(tmp_path / "base"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
+    tuned = peft.PeftModel.from_pretrained(reference, str(folder)).eval()
+    # Every tensor of the file went into the model: PEFT only warns about the ones it cannot place.
+    loaded = {name for name, _ in tuned.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(__import__("safetensors.torch").torch.load_file(folder / "adapter_model.safetensors"))
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), tuned(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+LORA_RUN = {
+    "run": {"name": "lora", "seed": 3, "max_duration": "12ba", "max_lr": 3e-3, "warmup_pct": 0.1,
+            "eval_interval": "12ba", "save_interval": "4ba", "sample_max_new_tokens": 4},
+    "model": {"config": "pythia-tiny", "use_pretrained": True, "pretrained_path": "base/model"},
+    "data": {"pipeline": "sft", "config": {"name": "lora", "dataset_path": "synthetic:instructions",
+                                           "synthetic_documents": 300, "prompt_template": "plain",
+                                           "max_sequence_length": 96, "train_batch_size": 8, "eval_batch_size": 8,
+                                           "eval_examples": 8}},
+    "transforms": [{"modules": "all-linear", "kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1}],
+}
+
+
+def test_a_lora_run_checkpoints_its_adapters_only_resumes_bit_for_bit_and_exports_both_forms(tmp_path):
+    from safetensors.torch import load_file
+
+    from rafale.safety import load_checkpoint_safely
+
+    environment = {**os.environ, "RAFALE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore",
+                   "OMP_NUM_THREADS": "1"}
+    base = {"run": {"name": "base", "checkpoint_dir": ".", "max_duration": "4ba", "eval_interval": "4ba",
+                    "save_interval": "4ba", "sample_max_new_tokens": 0},
+            "model": {"config": "pythia-tiny"},
+            "data": {"config": {"name": "stories", "dataset_path": "synthetic:stories", "synthetic_documents": 200,
+                                "vocab_size": 320, "max_sequence_length": 64, "train_batch_size": 8}}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+
+    def rafale(name, wait=True):
+        command = [sys.executable, "-m", "rafale", "-c", str(tmp_path / f"{name}.yaml")]
+        if not wait:
+            return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+
+    assert rafale("base").returncode == 0
+    for name in ("reference", "resumed"):
+        run = {**LORA_RUN, "run": {**LORA_RUN["run"], "name": name, "checkpoint_dir": "."}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(run))
+    done = rafale("reference")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transforms:\n  transforms[0] (lora on 'all-linear'): 8 modules" in done.stdout
+    assert "adapter exported to" in done.stdout
+
+    saved = load_checkpoint_safely(tmp_path / "reference" / "checkpoints" / "ep0-ba4-rank0.pt")
+    assert saved["state"]["model"] and all(".lora_" in key for key in saved["state"]["model"])
+
+    killed = rafale("resumed", wait=False)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "ep0-ba4-rank0.pt"
+    deadline = time.monotonic() + 240
+    latest = checkpoint.with_name("latest-rank0.pt")
+    # Saved and pointed at by `latest`, which autoresume follows.
+    while not (checkpoint.exists() and latest.exists() and latest.resolve() == checkpoint):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = rafale("resumed")
+    assert done.returncode == 0 and "resumed from the latest checkpoint" in done.stdout, done.stderr[-3000:]
+    ours = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    theirs = load_file(tmp_path / "reference" / "model" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # The export is the merged model, a plain folder, with the adapter beside it.
+    assert not any("lora" in key for key in ours)
+    assert (tmp_path / "reference" / "model" / "adapter" / "adapter_model.safetensors").is_file()
