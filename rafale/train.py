@@ -412,8 +412,11 @@ def train_run(config: RunFile) -> Path:
 
     whole = _whole_model(trainer, model, config)
     if whole is not None:
+        rules = [rule.as_dict() for rule in config.transforms]
         export_model(transforms.merged(whole), folder / "model", prepared, config)
         _say(f"model exported to {folder / 'model'}")
+        if transforms.save_rules(rules, folder / "model"):
+            _say(f"  with {transforms.RULES_FILE}: the transforms it computes under (rafale generate applies them)")
         adapter = transforms.save_peft_adapter(whole, folder / "model" / "adapter",
                                                config.model.pretrained_path or "")
         if adapter is not None:

@@ -200,3 +200,126 @@ def test_a_lora_run_checkpoints_its_adapters_only_resumes_bit_for_bit_and_export
     # The export is the merged model, a plain folder, with the adapter beside it.
     assert not any("lora" in key for key in ours)
     assert (tmp_path / "reference" / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# Simulated number formats.
+
+from rafale.transforms import quantize as formats  # noqa: E402
+
+
+def float8_grid_values(largest: float) -> torch.Tensor:
+    """Zero, subnormals, normals of every binade, halfway points (ties), and values up to `largest`."""
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = torch.cat([torch.tensor([0.0, 2.0**-10, 2.0**-9, 2.0**-8, 3 * 2.0**-10, 0.0137, 1.0, 1.0625, 1.1875]),
+                            torch.exp2(torch.empty(2000).uniform_(-12, torch.log2(torch.tensor(largest)).item(),
+                                                                   generator=generator)),
+                            torch.tensor([largest])])
+    return torch.cat([magnitudes, -magnitudes])
+
+
+@pytest.mark.parametrize("exponent_bits, mantissa_bits, dtype, largest",
+                         [(4, 3, torch.float8_e4m3fn, 448.0), (5, 2, torch.float8_e5m2, 57344.0)])
+def test_minifloat_rounds_as_torchs_float8_on_the_values_both_hold(exponent_bits, mantissa_bits, dtype, largest):
+    x = float8_grid_values(largest)
+    ours = formats.minifloat(x, exponent_bits, mantissa_bits)
+    torch.testing.assert_close(ours, x.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_minifloat_saturates_instead_of_overflowing_and_keeps_signs_and_zero():
+    x = torch.tensor([500.0, 1e6, float("inf"), -1e6, 0.0, -0.0, 2.0**-12])
+    y = formats.minifloat(x, 4, 3)
+    assert y.tolist()[:4] == [480.0, 480.0, 480.0, -480.0]
+    assert y[4] == 0 and y[5] == 0 and not torch.isnan(y).any()
+    # 2^-12 lies below half the smallest subnormal (2^-9) of E4M3: it rounds to zero.
+    assert y[6] == 0
+
+
+def test_integer_formats_against_a_plain_recomputation():
+    x = torch.tensor([[-2.6, -0.25, 0.0, 0.3, 1.74, 9.0], [0.01, -0.02, 0.5, 0.0, 0.0, 0.0]])
+    # Fixed point, 4 bits with 1 fraction bit: steps of 0.5 between -4 and 3.5.
+    assert formats.integer(x, 4, frac_bits=1)[0].tolist() == [-2.5, -0.0, 0.0, 0.5, 1.5, 3.5]
+    for scaling in ("tensor", "channel"):
+        rows = [x] if scaling == "tensor" else [x[0:1], x[1:2]]
+        expected = []
+        for row in rows:
+            scale = row.abs().max().item() / 7
+            levels = [[max(-7, min(7, round(v / scale))) for v in r] for r in row.tolist()]
+            expected.append(torch.tensor(levels) * scale)
+        torch.testing.assert_close(formats.integer(x, 4, scaling=scaling), torch.cat(expected), rtol=1e-6, atol=1e-7)
+    # Groups of 4 along the last dimension, the last one padded: each group scaled by its own largest value.
+    grouped = formats.integer(x, 4, scaling="group", group_size=4)
+    torch.testing.assert_close(grouped[:, :4], formats.integer(x[:, :4], 4, scaling="channel"))
+    torch.testing.assert_close(grouped[:, 4:], formats.integer(x[:, 4:], 4, scaling="channel"))
+    assert torch.equal(formats.integer(torch.zeros(3), 8), torch.zeros(3))
+
+
+def test_block_format_against_a_plain_recomputation():
+    x = torch.tensor([0.75, -0.1, 0.02, 0.3, 5.0, -3.0, 0.0, 0.0, 0.0, 0.0])
+    y = formats.block(x, block_size=4, mantissa_bits=4)
+    expected = []
+    for start in range(0, 10, 4):
+        values = x[start:start + 4].tolist()
+        largest = max(abs(v) for v in values)
+        if largest == 0:
+            expected += [0.0] * len(values)
+            continue
+        shared = torch.ceil(torch.log2(torch.tensor(largest))).item()
+        expected += [max(-8, min(7, round(v / 2**shared * 8))) * 2 ** (shared - 3) for v in values]
+    assert y.tolist() == expected
+
+
+def test_a_quantized_linear_rounds_its_operands_and_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 5)
+    settings = formats.QuantizeSettings.model_validate({
+        "weight": {"format": "int", "width": 4, "scaling": "channel"},
+        "input": {"format": "minifloat", "exponent_bits": 4, "mantissa_bits": 3},
+        "output": {"format": "block", "block_size": 5, "mantissa_bits": 6}})
+    layer = formats.QuantizedLinear(base, settings)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = layer(x)
+    expected = torch.nn.functional.linear(formats.minifloat(x.detach(), 4, 3),
+                                          formats.integer(base.weight.detach(), 4, scaling="channel"), base.bias)
+    torch.testing.assert_close(y, formats.block(expected.detach(), 5, 6))
+    weights = torch.randn(3, 5)
+    (y * weights).sum().backward()
+    # The gradients of the float layer at the unrounded operands.
+    plain_x = x.detach().clone().requires_grad_()
+    plain = torch.nn.Linear(8, 5)
+    plain.load_state_dict(base.state_dict())
+    (plain(plain_x) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, plain_x.grad)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
+
+
+def test_a_setting_of_another_format_names_the_rule():
+    with pytest.raises(RafaleError, match=r"transforms\[0\]\.weight\.int\.mantissa_bits"):
+        transforms.plan(build_model("pythia-tiny"), [{"modules": "mlp", "kind": "quantize",
+                                                      "weight": {"format": "int", "mantissa_bits": 3}}])
+
+
+def test_transform_aware_training_exports_rounded_weights_with_its_rules(tmp_path):
+    run = {"run": {"name": "q", "checkpoint_dir": ".", "max_duration": "6ba", "eval_interval": "6ba",
+                   "save_interval": "6ba", "sample_max_new_tokens": 4},
+           "model": {"config": "pythia-tiny"},
+           "data": {"config": {"name": "stories", "dataset_path": "synthetic:stories", "synthetic_documents": 200,
+                               "vocab_size": 320, "max_sequence_length": 64, "train_batch_size": 8}},
+           "transforms": [{"modules": "all-linear", "kind": "quantize",
+                           "weight": {"format": "int", "width": 8, "scaling": "channel"},
+                           "input": {"format": "minifloat", "exponent_bits": 4, "mantissa_bits": 3}}]}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(run))
+    environment = {**os.environ, "RAFALE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "rafale", "-c", str(tmp_path / "q.yaml")], cwd=ROOT,
+                          env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transforms[0] (quantize on 'all-linear'): 8 modules" in done.stdout
+    export = tmp_path / "q" / "model"
+    assert json.loads((export / "transforms.json").read_text())[0]["kind"] == "quantize"
+    from safetensors.torch import load_file
+
+    weight = load_file(export / "model.safetensors")["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]
+    torch.testing.assert_close(weight, formats.integer(weight, 8, scaling="channel"))
+    generated = subprocess.run([sys.executable, "-m", "rafale", "generate", str(export), "-p", "Once", "-n", "4"],
+                               cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-2000:]

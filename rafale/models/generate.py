@@ -219,6 +219,10 @@ def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = Fals
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
         raise RafaleError(f"{folder / TOKENIZER_FILE}: not a valid tokenizer file ({e})") from None
     model = load_pretrained(folder)
+    # A model exported from transform-aware training computes as it trained: its rules are applied again.
+    from rafale import transforms
+
+    transforms.apply(model, transforms.load_rules(folder), say=lambda _: None)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         # Token ids past the embedding table would fail deep inside the forward pass.
         raise RafaleError(f"{folder / TOKENIZER_FILE}: has {tokenizer.get_vocab_size()} tokens but the model's "

@@ -22,10 +22,14 @@ from torch import nn
 
 from rafale.errors import RafaleError
 from rafale.transforms.lora import LoRALinear
+from rafale.transforms.quantize import QuantizedLinear
 
-# Each kind: a module class with `Settings` (pydantic), `from_linear(name, linear, settings, model_config)` and
-# `freezes_base` (whether the rest of the model stops training).
-KINDS: dict[str, type[nn.Module]] = {"lora": LoRALinear}
+# Each kind: a module class with `Settings` (pydantic), `from_linear(name, linear, settings, model_config)`,
+# `freezes_base` (whether the rest of the model stops training) and `merged()` (the plain layer an export holds).
+KINDS: dict[str, type[nn.Module]] = {"lora": LoRALinear, "quantize": QuantizedLinear}
+# Kinds whose effect a plain layer holds whole once merged; the others' rules travel with the export.
+MERGED_WHOLE = ("lora",)
+RULES_FILE = "transforms.json"
 # The blocks' linear layers, by what they do; rafale's module names are the same in every family.
 SHORT_NAMES = {
     "attention": r"blocks\.\d+\.attn\.(qkv|proj)",
@@ -131,16 +135,34 @@ def frozen_parameters(model: nn.Module) -> list[str]:
 
 
 def merged(model: nn.Module) -> nn.Module:
-    """A copy of the model with every adapter folded into its base layer, a plain model to export; the model itself
-    when it has no adapter."""
-    if not adapters(model):
+    """A copy of the model with every transformed layer made plain (an adapter folded into its base layer, a
+    rounded weight stored rounded): a model to export. The model itself when nothing in it is transformed."""
+    kinds = tuple(KINDS.values())
+    if not any(isinstance(module, kinds) for module in model.modules()):
         return model
     copied = copy.deepcopy(model)
     for name, module in list(copied.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, kinds):
             parent_name, _, child = name.rpartition(".")
             setattr(copied.get_submodule(parent_name) if parent_name else copied, child, module.merged())
     return copied
+
+
+def save_rules(rules: list[dict[str, Any]], folder: Path) -> Optional[Path]:
+    """The rules an exported (merged) model still needs to compute as it trained, beside it: None when merging held
+    them all (LoRA)."""
+    needed = [rule for rule in rules if rule.get("kind") is not None and rule["kind"] not in MERGED_WHOLE]
+    if not needed:
+        return None
+    path = folder / RULES_FILE
+    path.write_text(json.dumps(needed, indent=2) + "\n")
+    return path
+
+
+def load_rules(folder: Path) -> list[dict[str, Any]]:
+    """The rules exported beside a model folder (none if it has no rules file)."""
+    path = Path(folder) / RULES_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def adapters(model: nn.Module) -> dict[str, LoRALinear]:
@@ -195,4 +217,5 @@ def _few(names: list[str], shown: int) -> str:
     return ", ".join(names[: shown - 1]) + f", ... {names[-1]}"
 
 
-__all__ = ["KINDS", "SHORT_NAMES", "apply", "frozen_parameters", "merged", "plan", "save_peft_adapter"]
+__all__ = ["KINDS", "SHORT_NAMES", "LoRALinear", "QuantizedLinear", "apply", "frozen_parameters", "load_rules",
+           "merged", "plan", "save_peft_adapter", "save_rules"]
