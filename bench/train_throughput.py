@@ -110,9 +110,10 @@ def composer_loop(model, masked: bool, loader, config, device_name: str, precisi
 
     from rafale.train import ConsoleProgress, _algorithms, _callbacks, _data_spec, build_optimizer, build_scheduler
 
+    wrapped = task_for(model, masked)
     trainer = Trainer(
-        model=task_for(model, masked),
-        train_dataloader=_data_spec(loader),
+        model=wrapped,
+        train_dataloader=_data_spec(loader, wrapped.task),
         max_duration=f"{1000 * steps}ba",
         optimizers=build_optimizer(config, model),
         schedulers=build_scheduler(config),
@@ -125,6 +126,7 @@ def composer_loop(model, masked: bool, loader, config, device_name: str, precisi
         device=device_name,
         precision=precision,
         device_train_microbatch_size=config.data.config.train_batch_size,
+        accumulate_train_batch_on_tokens=True,
         compile_config={} if config.run.compile else None,
         seed=0,
     )

@@ -12,7 +12,7 @@ import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from composer import Callback, Trainer
@@ -65,9 +65,11 @@ class ConsoleProgress(LoggerDestination):
     """One line every `interval` batches (loss, learning rate, tokens per second) and one per evaluation, which
     it keeps in `eval_metrics`; `metric_names` says how the console names the task's metrics."""
 
-    def __init__(self, interval: int, metric_names: Optional[dict[str, str]] = None):
+    def __init__(self, interval: int, metric_names: Optional[dict[str, str]] = None, label: Optional[str] = None):
         self.interval = interval
         self.metric_names = metric_names or {}
+        # What an evaluation's line is called; unset: "eval at batch N".
+        self.label = label
         self.latest: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
 
@@ -95,7 +97,7 @@ class ConsoleProgress(LoggerDestination):
         self.eval_metrics = {name: float(metric.compute()) for name, metric in state.eval_metrics["eval"].items()}
         scores = "  ".join(f"{self.metric_names.get(name, name)} {value:.4f}"
                            for name, value in self.eval_metrics.items())
-        _say(f"[eval at batch {int(state.timestamp.batch)}] {scores}")
+        _say(f"[{self.label or f'eval at batch {int(state.timestamp.batch)}'}] {scores}")
 
 
 class LossHistory(Callback):
@@ -144,10 +146,12 @@ def check_model(config: RunFile) -> None:
             raise RafaleError(config.at(str(error))) from None
 
 
-def build_language_model(config: RunFile, prepared: PreparedData) -> torch.nn.Module:
+def build_language_model(config: RunFile, prepared: PreparedData,
+                         before_transforms: Optional[Callable[[torch.nn.Module], None]] = None) -> torch.nn.Module:
     """The model of the run file's preset and overrides, sized to the tokenizer, with what the task adds (an
-    encoder's head), and pretrained weights if asked. A pretrained model keeps the architecture of its folder's
-    config.json (the run file's overrides, dropout say, still apply)."""
+    encoder's head), pretrained weights if asked, then the run file's transforms (`before_transforms` sees it just
+    before). A pretrained model keeps the architecture of its folder's config.json (the run file's overrides,
+    dropout say, still apply)."""
     check_model(config)
     overrides = config.model.overrides()
     tokenizer_vocab = prepared.tokenizer.get_vocab_size()
@@ -175,6 +179,8 @@ def build_language_model(config: RunFile, prepared: PreparedData) -> torch.nn.Mo
         fresh = load_weights(model, config.model.pretrained_path)
         if fresh:
             _say(f"model: {', '.join(fresh)} not in {config.model.pretrained_path}: they start as initialised")
+    if before_transforms is not None and config.transforms:
+        before_transforms(model)
     # A head the pretrained folder lacked keeps training when a transform freezes the rest.
     return transforms.apply(model, [rule.as_dict() for rule in config.transforms], keep_trainable=tuple(fresh),
                             say=_say)
@@ -392,30 +398,45 @@ def train_run(config: RunFile) -> Path:
     if len(train_loader) == 0:
         raise RafaleError(f"{config.source}: data.config.train_batch_size: larger than the train split")
 
-    reproducibility.seed_all(config.run.seed)
-    model = build_language_model(config, prepared)
-    _say(f"model: {config.model.config}, {model.num_parameters() / 1e6:.2f}M parameters")
     folder = run_folder(config)
+    starting = not (folder / "checkpoints" / "latest-rank0.pt").exists()
+    untransformed: dict[str, float] = {}
+
+    def evaluate_untransformed(model: torch.nn.Module) -> None:
+        # Transform-aware training's first figure: the model as it was, before any rule rewrote it.
+        if starting:
+            untransformed.update(evaluate(config, model, eval_loader, "eval before the transforms"))
+
+    reproducibility.seed_all(config.run.seed)
+    model = build_language_model(config, prepared, before_transforms=evaluate_untransformed)
+    _say(f"model: {config.model.config}, {model.num_parameters() / 1e6:.2f}M parameters")
     progress = ConsoleProgress(config.logging.log_interval, config.task.metric_names)
     trainer = Trainer(**trainer_arguments(
         config, model, train_loader, eval_loader, _max_duration(config, len(train_loader)),
         loggers=[progress, *_loggers(config)], callbacks=[], checkpoints=folder / "checkpoints"))
     resumed_at = int(trainer.state.timestamp.batch)
+    at_start: dict[str, float] = {}
     if resumed_at:
         _say(f"resumed from the latest checkpoint in {folder / 'checkpoints'} at batch {resumed_at}")
     else:
         trainer.eval()
+        at_start = dict(progress.eval_metrics)
     # A run that died after its last checkpoint (while exporting, say) has nothing left to train: it only exports.
     if trainer.state.timestamp < trainer.state.max_duration:
         trainer.fit()
     trainer.close()
+    if untransformed and at_start and progress.eval_metrics:
+        name = next(iter(untransformed))
+        label = config.task.metric_names.get(name, name)
+        _say(f"transforms: {label} {untransformed[name]:.4f} before them, {at_start[name]:.4f} transformed before "
+             f"training, {progress.eval_metrics[name]:.4f} after training")
 
     whole = _whole_model(trainer, model, config)
     if whole is not None:
         rules = [rule.as_dict() for rule in config.transforms]
         export_model(transforms.merged(whole), folder / "model", prepared, config)
         _say(f"model exported to {folder / 'model'}")
-        if transforms.save_rules(rules, folder / "model"):
+        if transforms.save_rules(rules, folder / "model", whole):
             _say(f"  with {transforms.RULES_FILE}: the transforms it computes under (rafale generate applies them)")
         adapter = transforms.save_peft_adapter(whole, folder / "model" / "adapter",
                                                config.model.pretrained_path or "")
@@ -423,6 +444,18 @@ def train_run(config: RunFile) -> Path:
             _say(f"adapter exported to {adapter} (PEFT format)")
         config.task.report(whole, prepared, config, progress.eval_metrics, _say)
     return folder
+
+
+def evaluate(config: RunFile, model: torch.nn.Module, eval_loader: DataLoader, label: str) -> dict[str, float]:
+    """The task's eval metrics of `model` on the eval loader, printed as one line named `label`."""
+    device, precision = _device_and_precision(config)
+    progress = ConsoleProgress(config.logging.log_interval, config.task.metric_names, label=label)
+    trainer = Trainer(model=TaskModel(config.task, model), eval_dataloader=_data_spec(eval_loader, config.task),
+                      loggers=[progress], progress_bar=False, log_to_console=False, device=device,
+                      precision=precision, seed=config.run.seed)
+    trainer.eval()
+    trainer.close()
+    return progress.eval_metrics
 
 
 def _callbacks() -> list:

@@ -4,6 +4,7 @@ and resumes bit for bit."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -314,8 +315,12 @@ def test_transform_aware_training_exports_rounded_weights_with_its_rules(tmp_pat
                           env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "transforms[0] (quantize on 'all-linear'): 8 modules" in done.stdout
+    # The three figures of transform-aware training.
+    assert "[eval before the transforms] cross-entropy" in done.stdout
+    assert re.search(r"transforms: cross-entropy [\d.]+ before them, [\d.]+ transformed before training, [\d.]+ "
+                     r"after training", done.stdout), done.stdout
     export = tmp_path / "q" / "model"
-    assert json.loads((export / "transforms.json").read_text())[0]["kind"] == "quantize"
+    assert json.loads((export / "transforms.json").read_text())["rules"][0]["kind"] == "quantize"
     from safetensors.torch import load_file
 
     weight = load_file(export / "model.safetensors")["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]
@@ -323,3 +328,89 @@ def test_transform_aware_training_exports_rounded_weights_with_its_rules(tmp_pat
     generated = subprocess.run([sys.executable, "-m", "rafale", "generate", str(export), "-p", "Once", "-n", "4"],
                                cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert generated.returncode == 0, generated.stderr[-2000:]
+
+
+@pytest.mark.parametrize("preset, overrides", [("pythia-tiny", {}), ("llama-tiny", {}),
+                                               ("bert-test-tiny", {"head": "mlm"})])
+def test_attention_products_without_formats_equal_sdpa_and_with_them_a_recomputation(preset, overrides):
+    torch.manual_seed(0)
+    model = build_model(preset, overrides).eval()
+    ids = torch.randint(5, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # padding: the masked path as well as the causal one
+    expected = [model(ids), model(ids, attention_mask=mask)]
+    transforms.apply(model, [{"modules": "attention-products", "kind": "quantize_attention"}], say=lambda _: None)
+    assert isinstance(model.blocks[0].attn, transforms.QuantizedAttention)
+    torch.testing.assert_close(model(ids), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids, attention_mask=mask), expected[1], rtol=1e-5, atol=1e-5)
+
+    fp8 = {"format": "minifloat", "exponent_bits": 4, "mantissa_bits": 3}
+    attention = model.blocks[0].attn
+    attention.settings = formats.AttentionQuantizeSettings.model_validate(
+        {"query": fp8, "key": fp8, "probabilities": {"format": "int", "width": 8, "frac_bits": 7}, "value": fp8})
+    q, k, v = (torch.randn(1, attention.n_heads, 5, attention.head_dim, requires_grad=True) for _ in range(3))
+    ours = attention.attend(q, k, v, is_causal=True)
+    rounded = [formats.minifloat(t.detach(), 4, 3) for t in (q, k, v)]
+    scores = rounded[0] @ rounded[1].transpose(-1, -2) / attention.head_dim**0.5
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    expected = formats.integer(scores.softmax(-1), 8, frac_bits=7) @ rounded[2]
+    torch.testing.assert_close(ours, expected)
+    ours.sum().backward()  # straight through: every operand gets a gradient
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_attention_products_decode_with_the_kv_cache_as_without_it():
+    from rafale.models import generate
+
+    torch.manual_seed(0)
+    model = build_model("llama-tiny").eval()
+    transforms.apply(model, [{"modules": "attention-products", "kind": "quantize_attention",
+                              "value": {"format": "int", "width": 6}}], say=lambda _: None)
+    prompt = torch.randint(5, 100, (1, 6))
+    assert torch.equal(generate(model, prompt, max_new_tokens=8, use_cache=True),
+                       generate(model, prompt, max_new_tokens=8, use_cache=False))
+
+
+def test_the_optical_format_against_a_plain_recomputation():
+    x = torch.tensor([-3.0, -1.0, -0.01, 0.0, 0.004, 0.3, 0.999, 2.5])
+    low, high = torch.tensor(-1.0), torch.tensor(1.0)
+    y = formats.optical(x, low, high, levels=5, lut_min=0.1)
+    # Five levels over [-1, 1]: -1, -0.5, 0, 0.5, 1; then the floor raises (0, 0.1) to 0.1, lowers (-0.1, 0) to -0.1.
+    expected = []
+    for value in x.tolist():
+        level = round((min(max(value, -1.0), 1.0) + 1) / 2 * 4) / 4 * 2 - 1
+        expected.append(0.1 if 0 < level < 0.1 else -0.1 if -0.1 < level < 0 else level)
+    assert y.tolist() == expected
+    torch.testing.assert_close(formats.optical(torch.tensor([0.05]), low, high, levels=201, lut_min=0.1),
+                               torch.tensor([0.1]))
+    # Stochastic rounding lands on the two nearest levels, unbiased on average.
+    torch.manual_seed(0)
+    samples = formats.optical(torch.full((20000,), 0.3), low, high, levels=5, stochastic=True)
+    assert set(samples.tolist()) == {0.0, 0.5} and abs(samples.mean().item() - 0.3) < 0.01
+
+
+def test_optical_ranges_track_an_average_while_training_and_travel_with_the_export(tmp_path):
+    from rafale.models import load_pretrained, save_pretrained
+
+    rounder = formats.OpticalRounder(formats.OpticalFormat(format="optical", levels=16), stochastic=False)
+    rounder(torch.tensor([-1.0, 2.0]))
+    assert rounder.range.tolist() == [-1.0, 2.0]
+    rounder(torch.tensor([-3.0, 4.0]))
+    torch.testing.assert_close(rounder.range, torch.tensor([-1.2, 2.2]))
+    rounder.eval()(torch.tensor([-30.0, 40.0]))
+    torch.testing.assert_close(rounder.range, torch.tensor([-1.2, 2.2]))  # evaluation only reads it
+
+    torch.manual_seed(0)
+    model = build_model("pythia-tiny")
+    optical = {"format": "optical", "levels": 64, "lut_min": 0.01}
+    rules = [{"modules": "mlp", "kind": "quantize", "weight": optical, "input": optical, "output": optical}]
+    transforms.apply(model, rules, say=lambda _: None)
+    assert "blocks.0.mlp.up.rounders.input.range" in model.state_dict()  # in checkpoints, under the layer's name
+    ids = torch.randint(0, 128, (2, 10))
+    model(ids)  # training: the ranges start tracking
+    model.eval()
+    expected = model(ids)
+    save_pretrained(transforms.merged(model), tmp_path)
+    transforms.save_rules(rules, tmp_path, model)
+    again = transforms.apply_saved(load_pretrained(tmp_path), tmp_path)
+    torch.testing.assert_close(again(ids), expected, rtol=1e-5, atol=1e-5)

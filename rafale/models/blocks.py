@@ -131,9 +131,14 @@ class Attention(nn.Module):
             # Each key/value head serves a contiguous group of query heads.
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = self.attend(q, k, v, mask, is_causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q, k, v, mask=None, is_causal=False):
+        """softmax(q k^T / sqrt(d) + mask) v, [B, H, T, D] each (keys and values already one per query head);
+        a transform that simulates the products' number formats overrides this (transforms/quantize.py)."""
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
 
 
 class MLP(nn.Module):

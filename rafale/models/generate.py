@@ -222,7 +222,7 @@ def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = Fals
     # A model exported from transform-aware training computes as it trained: its rules are applied again.
     from rafale import transforms
 
-    transforms.apply(model, transforms.load_rules(folder), say=lambda _: None)
+    transforms.apply_saved(model, folder)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         # Token ids past the embedding table would fail deep inside the forward pass.
         raise RafaleError(f"{folder / TOKENIZER_FILE}: has {tokenizer.get_vocab_size()} tokens but the model's "

@@ -21,12 +21,15 @@ from pydantic import ValidationError
 from torch import nn
 
 from rafale.errors import RafaleError
+from rafale.models.blocks import Attention
 from rafale.transforms.lora import LoRALinear
-from rafale.transforms.quantize import QuantizedLinear
+from rafale.transforms.quantize import QuantizedAttention, QuantizedLinear
 
-# Each kind: a module class with `Settings` (pydantic), `from_linear(name, linear, settings, model_config)`,
-# `freezes_base` (whether the rest of the model stops training) and `merged()` (the plain layer an export holds).
-KINDS: dict[str, type[nn.Module]] = {"lora": LoRALinear, "quantize": QuantizedLinear}
+# Each kind: a module class with `Settings` (pydantic), `targets` (the module classes it replaces),
+# `from_linear(name, module, settings, model_config)`, `freezes_base` (whether the rest of the model stops training)
+# and `merged()` (the plain module an export holds).
+KINDS: dict[str, type[nn.Module]] = {"lora": LoRALinear, "quantize": QuantizedLinear,
+                                     "quantize_attention": QuantizedAttention}
 # Kinds whose effect a plain layer holds whole once merged; the others' rules travel with the export.
 MERGED_WHOLE = ("lora",)
 RULES_FILE = "transforms.json"
@@ -35,6 +38,8 @@ SHORT_NAMES = {
     "attention": r"blocks\.\d+\.attn\.(qkv|proj)",
     "mlp": r"blocks\.\d+\.mlp\.(gate|up|down)",
     "all-linear": r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down))",
+    # The attention modules themselves, whose QK^T and AV products quantize_attention rounds.
+    "attention-products": r"blocks\.\d+\.attn",
 }
 HEADS = ("lm_head", "mlm.dense", "mlm.decoder", "pooler", "classifier")
 SHOWN = 4
@@ -44,10 +49,12 @@ def _pattern(rule: dict[str, Any]) -> str:
     return SHORT_NAMES.get(rule["modules"], rule["modules"])
 
 
-def _matches(rule: dict[str, Any], name: str) -> bool:
+def _matches(rule: dict[str, Any], name: str, module: nn.Module) -> bool:
     if name in HEADS and name not in rule["modules"]:  # a head only where the rule names it
         return False
-    return re.fullmatch(_pattern(rule), name) is not None
+    kind = rule.get("kind")
+    targets = KINDS[kind].targets if kind in KINDS else (nn.Linear, Attention)
+    return isinstance(module, targets) and re.fullmatch(_pattern(rule), name) is not None
 
 
 def _label(index: int, rule: dict[str, Any]) -> str:
@@ -71,8 +78,9 @@ def _settings(index: int, rule: dict[str, Any]):
 
 
 def plan(model: nn.Module, rules: list[dict[str, Any]]) -> list[tuple[int, list[str]]]:
-    """For each rule, the linear layers it takes (checked: every rule takes at least one; settings are valid)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    """For each rule, the modules it takes (checked: every rule takes at least one; settings are valid)."""
+    modules = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Linear, Attention))}
+    names = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
     for index, rule in enumerate(rules):
         try:
             re.compile(_pattern(rule))
@@ -81,13 +89,13 @@ def plan(model: nn.Module, rules: list[dict[str, Any]]) -> list[tuple[int, list[
         if rule.get("kind") is not None:
             _settings(index, rule)
     taken: dict[int, list[str]] = {index: [] for index in range(len(rules))}
-    for name in names:
-        index = next((i for i, rule in enumerate(rules) if _matches(rule, name)), None)
+    for name, module in modules.items():
+        index = next((i for i, rule in enumerate(rules) if _matches(rule, name, module)), None)
         if index is not None:
             taken[index].append(name)
     for index, rule in enumerate(rules):
         if not taken[index]:
-            earlier = any(_matches(rule, name) for name in names)
+            earlier = any(_matches(rule, name, module) for name, module in modules.items())
             why = "every module it matches is taken by an earlier rule" if earlier else "it matches no module"
             raise RafaleError(f"{_label(index, rule)}: {why}; the linear layers are {_few(names, 6)}")
     return [(index, taken[index]) for index in range(len(rules))]
@@ -114,7 +122,9 @@ def apply(model: nn.Module, rules: list[dict[str, Any]], keep_trainable: tuple[s
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, kind.from_linear(name, getattr(parent, child), settings, model.config))
+            base = getattr(parent, child)
+            # In the mode the model is in (a fresh module would be training, its dropout on).
+            setattr(parent, child, kind.from_linear(name, base, settings, model.config).train(base.training))
     if frozen_base:
         new = {id(parameter) for module in model.modules() if isinstance(module, tuple(KINDS.values()))
                for name, parameter in module.named_parameters(recurse=False) if name.startswith("lora_")}
@@ -148,21 +158,32 @@ def merged(model: nn.Module) -> nn.Module:
     return copied
 
 
-def save_rules(rules: list[dict[str, Any]], folder: Path) -> Optional[Path]:
-    """The rules an exported (merged) model still needs to compute as it trained, beside it: None when merging held
-    them all (LoRA)."""
+def save_rules(rules: list[dict[str, Any]], folder: Path, model: nn.Module) -> Optional[Path]:
+    """What an exported (merged) model still needs to compute as it trained, beside it: the rules that merging does
+    not hold (all but LoRA's), and the state they track (the optical format's ranges). None when there are none."""
     needed = [rule for rule in rules if rule.get("kind") is not None and rule["kind"] not in MERGED_WHOLE]
     if not needed:
         return None
+    state = {name: buffer.tolist() for name, buffer in model.named_buffers() if ".rounders." in name}
     path = folder / RULES_FILE
-    path.write_text(json.dumps(needed, indent=2) + "\n")
+    path.write_text(json.dumps({"rules": needed, "state": state}, indent=2) + "\n")
     return path
 
 
-def load_rules(folder: Path) -> list[dict[str, Any]]:
-    """The rules exported beside a model folder (none if it has no rules file)."""
+def apply_saved(model: nn.Module, folder: Path) -> nn.Module:
+    """The rules (and their state) exported beside a model folder, applied to the model loaded from it."""
+    import torch
+
     path = Path(folder) / RULES_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return model
+    saved = json.loads(path.read_text())
+    apply(model, saved["rules"], say=lambda _: None)
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in saved.get("state", {}).items():
+            buffers[name].copy_(torch.tensor(value, dtype=buffers[name].dtype))
+    return model
 
 
 def adapters(model: nn.Module) -> dict[str, LoRALinear]:
@@ -217,5 +238,5 @@ def _few(names: list[str], shown: int) -> str:
     return ", ".join(names[: shown - 1]) + f", ... {names[-1]}"
 
 
-__all__ = ["KINDS", "SHORT_NAMES", "LoRALinear", "QuantizedLinear", "apply", "frozen_parameters", "load_rules",
-           "merged", "plan", "save_peft_adapter", "save_rules"]
+__all__ = ["KINDS", "SHORT_NAMES", "LoRALinear", "QuantizedAttention", "QuantizedLinear", "apply",
+           "frozen_parameters", "apply_saved", "merged", "plan", "save_peft_adapter", "save_rules"]

@@ -42,6 +42,7 @@ class LoRALinear(nn.Module):
     # Trainable parameters are the adapter's: the base layer is frozen (transforms/__init__.py).
     freezes_base = True
     Settings = LoRASettings
+    targets = (nn.Linear,)
 
     def __init__(self, base: nn.Linear, settings: LoRASettings, rows: Optional[torch.Tensor] = None):
         super().__init__()
