@@ -2,8 +2,12 @@
 (trainable parameters, checkpoint size, peak memory, tokens per second), and simulated number formats against
 float32 training (the slowdown).
 
-    python bench/transforms.py                      # CPU, the pythia-14m shape (its 50k vocabulary) at seq 256
+    python bench/transforms.py                      # CPU, the pythia-14m shape at seq 256, two vocabularies
     python bench/transforms.py --steps 8 --rounds 3
+
+Two vocabularies: pythia-14m's 50,304, where the embeddings and head are 92% of the parameters and the LM head
+most of a step, and the 1,152 that the bundled corpus's tokenizer gives (what the shipped run files train), where
+the blocks' linear layers, the ones the transforms change, are most of the work.
 
 Every contender trains the same model from the same weights in the same plain loop (AdamW over the parameters
 that train, rafale's fused loss), in interleaved rounds in one process. Peak memory is each contender's own: a
@@ -41,7 +45,7 @@ CONTENDERS = {
 }
 
 
-def contender(name: str, length: int, batch: int):
+def contender(name: str, length: int, batch: int, vocab: int):
     """(model with the contender's transforms, its optimizer, a step function)."""
     from rafale import transforms
     from rafale.models import build_model
@@ -49,7 +53,7 @@ def contender(name: str, length: int, batch: int):
     from rafale.tasks.model import TaskModel
 
     torch.manual_seed(0)
-    model = transforms.apply(build_model("pythia14m"), CONTENDERS[name], say=lambda _: None)
+    model = transforms.apply(build_model("pythia14m", {"vocab_size": vocab}), CONTENDERS[name], say=lambda _: None)
     wrapped = TaskModel(TASKS["causal_lm"], model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -72,26 +76,20 @@ def checkpoint_bytes(model, optimizer) -> int:
     return buffer.tell()
 
 
-def peak_memory(name: str, length: int, batch: int) -> float:
-    """The resident peak (GB) of a fresh process that trains the contender for three steps."""
-    code = (f"import sys, resource; sys.path[:0] = [{str(ROOT / 'bench')!r}, {str(ROOT)!r}]\n"
+def peak_memory(name: str, length: int, batch: int, vocab: int) -> float:
+    """The resident peak (GB) of a fresh process that trains the contender for three steps: its own VmHWM, which a
+    new program starts afresh (ru_maxrss would keep the forking parent's)."""
+    code = (f"import sys; sys.path[:0] = [{str(ROOT / 'bench')!r}, {str(ROOT)!r}]\n"
             f"from transforms import contender\n"
-            f"_, _, step = contender({name!r}, {length}, {batch})\n"
+            f"_, _, step = contender({name!r}, {length}, {batch}, {vocab})\n"
             f"[step() for _ in range(3)]\n"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            f"print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1]) / 1e6  # kilobytes on Linux
+    return int(done.stdout.split()[-1]) / 1e6  # kilobytes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-
-    built = {name: contender(name, args.length, args.batch) for name in CONTENDERS}
+def measure(vocab: int, args) -> tuple[dict, dict, list]:
+    built = {name: contender(name, args.length, args.batch, vocab) for name in CONTENDERS}
     for _, _, step in built.values():  # warm-up: first-call allocations and kernel choices
         step()
     speeds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
@@ -110,14 +108,29 @@ def main() -> None:
         tokens = statistics.median(speeds[name])
         trainable = sum(p.numel() for p in contender_model.parameters() if p.requires_grad)
         size = checkpoint_bytes(contender_model, optimizer)
-        memory = peak_memory(name, args.length, args.batch)
+        memory = peak_memory(name, args.length, args.batch, vocab)
         figures[name] = {"tokens_per_s": tokens, "trainable": trainable, "checkpoint_mb": size / 1e6,
                          "peak_memory_gb": memory}
         ratios[f"{name}_speed_vs_full"] = tokens / statistics.median(speeds["full"])
         rows.append((name, f"{tokens:8,.0f} tok/s ({ratios[f'{name}_speed_vs_full']:.2f}x full)  trainable "
                            f"{trainable:>10,}  checkpoint {size / 1e6:7.1f} MB  peak {memory:.2f} GB"))
     rows.append(("embeddings + head", f"{100 * embeddings / total:.1f}% of the {total:,} parameters"))
-    print_table(f"pythia-14m shape, seq {args.length}, batch {args.batch}, CPU fp32", rows)
+    print_table(f"pythia-14m shape, vocabulary {vocab:,}, seq {args.length}, batch {args.batch}, CPU fp32", rows)
+    return figures, ratios, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    figures, ratios = {}, {}
+    for vocab in (50304, 1152):
+        shape_figures, shape_ratios, _ = measure(vocab, args)
+        figures[f"vocab{vocab}"] = shape_figures
+        ratios.update({f"vocab{vocab}_{name}": value for name, value in shape_ratios.items()})
     path = write_results("transforms_cpu", figures, ratios,
                          notes="LoRA r 8 alpha 16 on every linear layer of the blocks; quantized kinds round "
                                "weights and inputs of the same layers, straight-through, float backward.")

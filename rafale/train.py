@@ -438,10 +438,12 @@ def train_run(config: RunFile) -> Path:
         _say(f"model exported to {folder / 'model'}")
         if transforms.save_rules(rules, folder / "model", whole):
             _say(f"  with {transforms.RULES_FILE}: the transforms it computes under (rafale generate applies them)")
-        adapter = transforms.save_peft_adapter(whole, folder / "model" / "adapter",
-                                               config.model.pretrained_path or "")
+        adapter, why_not = transforms.save_peft_adapter(whole, folder / "model" / "adapter",
+                                                        config.model.pretrained_path or "")
         if adapter is not None:
             _say(f"adapter exported to {adapter} (PEFT format)")
+        elif transforms.adapters(whole):
+            _say(f"no PEFT adapter exported: {why_not}; the merged model holds everything")
         config.task.report(whole, prepared, config, progress.eval_metrics, _say)
     return folder
 

@@ -126,7 +126,7 @@ def test_the_peft_adapter_loads_onto_the_base_for_the_same_logits(tmp_path, fami
     transforms.apply(model, [lora("attention", r=4, alpha=16, projections=["q", "v"]), lora("mlp", r=4, alpha=16)],
                      say=lambda _: None)
     randomise_adapters(model)
-    folder = transforms.save_peft_adapter(model, tmp_path / "adapter", str(tmp_path / "base"))
+    folder, _ = transforms.save_peft_adapter(model, tmp_path / "adapter", str(tmp_path / "base"))
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
     tuned = peft.PeftModel.from_pretrained(reference, str(folder)).eval()
@@ -414,3 +414,35 @@ def test_optical_ranges_track_an_average_while_training_and_travel_with_the_expo
     transforms.save_rules(rules, tmp_path, model)
     again = transforms.apply_saved(load_pretrained(tmp_path), tmp_path)
     torch.testing.assert_close(again(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_a_pretrained_encoder_keeps_its_new_classification_head_training(tmp_path, monkeypatch):
+    from rafale.config import load_run_file
+    from rafale.data import prepare_data
+    from rafale.models import save_pretrained
+    from rafale.train import build_language_model, build_optimizer
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    save_pretrained(build_model("bert-test-tiny", {"head": "mlm", "vocab_size": 512}), tmp_path / "mlm")
+    run = {"run": {"name": "cls"}, "model": {"config": "bert-test-tiny", "use_pretrained": True,
+                                             "pretrained_path": str(tmp_path / "mlm")},
+           "data": {"pipeline": "classification",
+                    "config": {"name": "s", "dataset_path": "synthetic:sentiment", "synthetic_documents": 200,
+                               "vocab_size": 300, "max_sequence_length": 32}},
+           "transforms": [lora("all-linear", r=2)]}
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(run))
+    config = load_run_file(tmp_path / "cls.yaml")
+    model = build_language_model(config, prepare_data(config))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert not any(name.startswith(("embed", "blocks.0.attn.qkv.weight")) for name in trainable)
+    optimized = {id(p) for group in build_optimizer(config, model).param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_no_peft_adapter_stands_for_a_model_whose_other_parameters_trained(tmp_path):
+    model = build_model("pythia-tiny")
+    transforms.apply(model, [lora("attention", train=["lm_head"])], say=lambda _: None)
+    assert model.lm_head.weight.requires_grad
+    folder, why = transforms.save_peft_adapter(model, tmp_path / "adapter")
+    assert folder is None and "lm_head.weight" in why and not (tmp_path / "adapter").exists()

@@ -190,21 +190,26 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 
-def save_peft_adapter(model: nn.Module, folder: Path, base_model: str = "") -> Optional[Path]:
+def save_peft_adapter(model: nn.Module, folder: Path, base_model: str = "") -> tuple[Optional[Path], str]:
     """The adapters alone as a PEFT folder (adapter_config.json, adapter_model.safetensors with PEFT's names and
-    the Hugging Face family's row layout), which peft loads onto the base model. None when the model has no
-    adapter, is not a decoder, or its adapters differ in rank, alpha or scaling (PEFT's one config)."""
+    the Hugging Face family's row layout), which peft loads onto the base model: (the folder, "") or, where the
+    adapters alone cannot stand for the trained model, (None, why)."""
     from safetensors.torch import save_file
 
     from rafale.models.decoder import DecoderConfig
     from rafale.models.weights import _export_family
 
     found = adapters(model)
-    if not found or not isinstance(model.config, DecoderConfig):
-        return None
+    if not found:
+        return None, "no adapter"
+    if not isinstance(model.config, DecoderConfig):
+        return None, "PEFT adapters are written for decoders"
+    others = [name for name, p in model.named_parameters() if p.requires_grad and ".lora_" not in name]
+    if others:
+        return None, f"other parameters trained too ({_few(others, 2)}), which the adapter would not hold"
     settings = {(m.settings.r, m.settings.alpha, m.settings.rslora, m.settings.dropout) for m in found.values()}
     if len(settings) > 1:
-        return None
+        return None, "the adapters differ in rank, alpha, dropout or scaling, which one PEFT config cannot say"
     (r, alpha, rslora, dropout), = settings
     family, _ = _export_family(model.config)
     names = family.weight_names(model.config)
@@ -229,7 +234,7 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model: str = "") -> O
               "target_modules": sorted(targets), "bias": "none", "use_rslora": rslora, "fan_in_fan_out": False,
               "base_model_name_or_path": base_model, "inference_mode": True, "modules_to_save": None}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder
+    return folder, ""
 
 
 def _few(names: list[str], shown: int) -> str:
