@@ -172,6 +172,16 @@ def test_alpaca_models_export_a_chat_template_that_renders_their_prompt(tmp_path
         f"\n\n### Instruction:\nName a color.\n\n### Response:\nred{hf.eos_token}")
 
 
+@pytest.fixture(scope="module")
+def good_cache(tmp_path_factory):
+    """A cache that already holds a prepared dataset, which a bad run must leave as it is."""
+    folder = tmp_path_factory.mktemp("good")
+    cache = folder / "cache"
+    good = rafale(cache, "data", "-c", str(run_file(folder, "good", {})))
+    assert good.returncode == 0, good.stderr
+    return cache
+
+
 @pytest.mark.parametrize(
     "records, settings, expected",
     [
@@ -191,12 +201,10 @@ def test_alpaca_models_export_a_chat_template_that_renders_their_prompt(tmp_path
          {"format": "chat", "chat_template": "{% for m in messages %}{{ m.content "}, r"data\.config\.chat_template: "),
     ],
 )
-def test_bad_records_are_one_line_naming_the_file_line_and_field(tmp_path, records, settings, expected):
+def test_bad_records_are_one_line_naming_the_file_line_and_field(tmp_path, good_cache, records, settings, expected):
     import re
 
-    cache = tmp_path / "cache"
-    good = rafale(cache, "data", "-c", str(run_file(tmp_path, "good", {})))
-    assert good.returncode == 0, good.stderr
+    cache = good_cache
     before = sorted(p.name for p in (cache / "data").iterdir())
     data = {"dataset_path": str(write_jsonl(tmp_path / "train.jsonl", records)), **settings}
     done = rafale(cache, "data", "-c", str(run_file(tmp_path, "bad", data)))
@@ -291,13 +299,15 @@ trainer.fit()
 """
 
 
-def test_one_batch_has_the_same_gradients_whole_in_microbatches_and_on_two_processes(tmp_path):
-    """Rows with few and many response tokens: a mean per microbatch (or per process) would weigh them wrongly."""
+@pytest.mark.parametrize("packing", ["none", "documents"])
+def test_one_batch_has_the_same_gradients_whole_in_microbatches_and_on_two_processes(tmp_path, packing):
+    """Rows with few and many response tokens: a mean per microbatch (or per process) would weigh them wrongly;
+    packed rows hold several records each."""
     script = tmp_path / "gradients.py"
     script.write_text(GRADIENTS)
-    records = [{"input": "the cat " * (1 + i % 4), "output": "sat " * (1 + 5 * (i % 3))} for i in range(40)]
+    records = [{"input": "the cat " * (1 + i % 4), "output": "sat " * (1 + 5 * (i % 3))} for i in range(120)]
     data = {"dataset_path": str(write_jsonl(tmp_path / "train.jsonl", records)), "format": "input_output",
-            "tokenizer_path": str(merging_tokenizer(tmp_path)), "shuffle_dataset": False}
+            "tokenizer_path": str(merging_tokenizer(tmp_path)), "shuffle_dataset": False, "packing": packing}
     environment = {**os.environ, **QUIET, "RAFALE_CACHE_DIR": str(tmp_path / "cache")}
     results = {}
     for name, microbatch, processes in (("whole", 8, 1), ("microbatches", 2, 1), ("processes", 2, 2)):

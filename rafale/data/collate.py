@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from rafale.data.packing import DOCUMENT_IDS
 from rafale.models.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -14,7 +15,8 @@ def pad_rows(rows: Sequence[dict[str, Any]], pad_token_id: int, max_length: int,
              input_id_key: str = "input_ids", label_key: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Right-pad the rows with `pad_token_id` to `max_length` (`pad_to_max`) or to the batch's longest row, cutting
     longer rows to `max_length`. `attention_mask` is 1 on real tokens; `labels` is the rows' `label_key` column
-    (the input ids themselves when None), IGNORE_INDEX on padding, so padding never counts in the loss."""
+    (the input ids themselves when None), IGNORE_INDEX on padding, so padding never counts in the loss. Packed rows'
+    `document_ids` (data/packing.py) come along, 0 on padding."""
     import torch
 
     ids = [torch.as_tensor(row[input_id_key], dtype=torch.long)[:max_length] for row in rows]
@@ -31,7 +33,14 @@ def pad_rows(rows: Sequence[dict[str, Any]], pad_token_id: int, max_length: int,
         for i, row in enumerate(rows):
             row_labels = torch.as_tensor(row[label_key], dtype=torch.long)[:max_length]
             labels[i, : len(row_labels)] = row_labels
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if DOCUMENT_IDS in rows[0]:
+        documents = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            row_documents = torch.as_tensor(row[DOCUMENT_IDS], dtype=torch.long)[:max_length]
+            documents[i, : len(row_documents)] = row_documents
+        batch[DOCUMENT_IDS] = documents
+    return batch
 
 
 class PaddingCollator:

@@ -14,6 +14,7 @@ from torch import nn
 from rafale.errors import RafaleError
 from rafale.models.blocks import Block, KVCache, Rotary, make_norm
 from rafale.models.loss import linear_cross_entropy
+from rafale.models.masks import attention_layout
 
 CHOICES = {"norm": ("layernorm", "rmsnorm"), "positions": ("rotary", "learned", "none"), "mlp": ("gelu", "swiglu")}
 
@@ -90,21 +91,6 @@ class DecoderConfig:
         return [f.name for f in fields(cls)]
 
 
-def attention_mask_for(padding: torch.Tensor | None, past: int, T: int, device) -> torch.Tensor:
-    """The boolean mask [B or 1, 1, T, past+T] for T new queries after `past` cached positions.
-
-    A query sees keys at or before its own slot that are real tokens. Every query also sees itself, so that a
-    padding query (left padding) never has an empty row: an empty row gives NaN, and NaN in a padded
-    position's values would leak through the zero attention weights of later layers (0 * NaN = NaN).
-    """
-    query = torch.arange(past, past + T, device=device)[:, None]
-    key = torch.arange(past + T, device=device)[None, :]
-    allowed = key <= query
-    if padding is not None:
-        allowed = (allowed & padding[:, None, None, :].bool()) | (key == query)
-    return allowed if allowed.dim() == 4 else allowed[None, None]
-
-
 class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -142,6 +128,7 @@ class Decoder(nn.Module):
         kv_cache: list[KVCache] | None = None,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]; or, given labels [B, T] (the token each position predicts,
         -100 where none), their cross-entropy with the head and the loss fused (loss.py): the mean over labelled
@@ -151,7 +138,7 @@ class Decoder(nn.Module):
         The loss is computed here rather than by the caller so that under FSDP it runs where the head's weights
         are gathered.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, document_ids)
         if labels is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden, self.lm_head.weight, labels, reduction=reduction)
@@ -162,37 +149,23 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> the final norm's output [B, T, hidden], which the LM head reads.
 
-        attention_mask [B, past+T]: 1 = real token, 0 = padding, covering cached positions too.
-        Without position_ids, positions count real tokens only (as transformers' generate does), so a left-padded
-        row gives the same logits as the row alone.
+        attention_mask [B, past+T]: 1 = real token, 0 = padding, covering cached positions too. document_ids
+        [B, T]: the documents of packed rows (0 = padding), which attention and positions never cross. masks.py
+        makes the mask and the positions for every case.
         """
         B, T = input_ids.shape
         past = kv_cache[0].length if kv_cache is not None else 0
-        # One check per forward: with no padding, SDPA's is_causal path is faster than an explicit mask.
-        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-        if position_ids is None:
-            if padding is None:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
-            else:
-                position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-
+        mask, is_causal, position_ids = attention_layout(attention_mask, document_ids, position_ids, past, B, T,
+                                                         input_ids.device)
         x = self.embed(input_ids)
         if self.config.positions == "learned":
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
-
-        if padding is None and past == 0:
-            mask, is_causal = None, True
-        elif padding is None and T == 1:
-            # One new token after the cache: it sees every cached position, no mask needed.
-            mask, is_causal = None, False
-        else:
-            mask, is_causal = attention_mask_for(padding, past, T, input_ids.device), False
-
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, mask, is_causal, kv_cache[i] if kv_cache is not None else None)
         return self.norm(x)

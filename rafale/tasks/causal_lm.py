@@ -1,16 +1,21 @@
 """Causal language modelling (pretraining): every token predicts the next one.
 
-Rows: each document's token ids with an EOS after it, the split's documents concatenated and cut into blocks of
-`max_sequence_length` (data/chunking.py); the last partial block is dropped (`tail: drop`) or kept as a shorter
-row that the collator pads (`tail: pad`). Loss: the mean next-token cross-entropy over the tokens that carry a
-label, with the LM head fused into it (models/loss.py). Eval: cross-entropy and perplexity. At the end, samples
-continue `run.sample_prompts`.
+Rows (`packing`): each document's token ids with an EOS after it, and then
+- "chunk" (default): the split's documents concatenated and cut into blocks of `max_sequence_length`
+  (data/chunking.py); the last partial block is dropped (`tail: drop`) or kept as a shorter row that the collator
+  pads (`tail: pad`). A document attends to the one before it in its block.
+- "documents": whole documents packed into rows (data/packing.py), each tagged with its document id, so that
+  attention and positions stay inside it and no label predicts the next document's first token.
+- "none": one document per row, padded.
+In the last two, a document longer than a row is cut to one (`overflow: truncate`) or left out (`drop`), and
+counted. Loss: the mean next-token cross-entropy over the tokens that carry a label, with the LM head fused into
+it (models/loss.py). Eval: cross-entropy and perplexity. At the end, samples continue `run.sample_prompts`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rafale.config import RunFile, TextSettings
 from rafale.tasks.base import Prepared, Say, Task
@@ -26,19 +31,28 @@ if TYPE_CHECKING:
 class CausalSettings(TextSettings):
     """`data.config` of the causal LM task."""
 
-    # The last partial block of each split: dropped, or kept and padded (padding never counts in the loss).
+    # "chunk": concatenate and cut; "documents": whole documents packed into rows; "none": a document per row.
+    packing: Literal["chunk", "documents", "none"] = "chunk"
+    # chunk: the last partial block of each split, dropped or kept and padded (padding never counts in the loss).
     tail: Literal["drop", "pad"] = "drop"
+    # documents, none: a document longer than a row is cut to one ("truncate") or left out ("drop").
+    overflow: Literal["truncate", "drop"] = "truncate"
 
 
-def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
-    """labels [B, T] -> the label each position predicts: the next token's, and IGNORE_INDEX at the end.
+def next_token_labels(labels: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """labels [B, T] -> the label each position predicts: the next token's, and IGNORE_INDEX at the end and, in
+    packed rows, at each document's last token (it does not predict the next document's first).
 
     Shifting the labels, not the logits, spares a copy of the [batch, time, vocab] logits."""
+    import torch
     import torch.nn.functional as F
 
     from rafale.models.loss import IGNORE_INDEX
 
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    following = labels[:, 1:]
+    if document_ids is not None:
+        following = torch.where(document_ids[:, 1:] == document_ids[:, :-1], following, IGNORE_INDEX)
+    return F.pad(following, (0, 1), value=IGNORE_INDEX)
 
 
 class CausalLM(Task):
@@ -46,18 +60,35 @@ class CausalLM(Task):
     cache_settings = ("tail",)
     metric_names = {"LanguageCrossEntropy": "cross-entropy", "LanguagePerplexity": "perplexity"}
 
+    def cache_key(self, settings: CausalSettings) -> dict[str, Any]:
+        key = super().cache_key(settings)
+        if settings.packing != "chunk":  # chunking's folders keep the names they had before packing existed
+            key.update(packing=settings.packing, overflow=settings.overflow)
+        return key
+
     def prepare(self, documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings: CausalSettings,
                 work: Path) -> Prepared:
-        from rafale.data.chunking import chunk, tokenize
+        from rafale.data.chunking import TOKENS, chunk, tokenize
 
         splits, summary = {}, {}
         for split, docs in documents.items():
             tokens = tokenize(docs, settings.text_column, tokenizer, eos_id, settings.num_processes,
                               work / f"{split}.arrow")
-            blocks, kept = chunk(tokens, settings, split)
-            splits[split] = blocks
-            summary[split] = {"documents": len(docs), "tokens": kept, "blocks": len(blocks)}
-        return splits, summary, {}
+            if settings.packing == "chunk":
+                blocks, kept = chunk(tokens, settings, split)
+                splits[split] = blocks
+                summary[split] = {"documents": len(docs), "tokens": kept, "blocks": len(blocks)}
+                continue
+            splits[split], summary[split] = whole_documents(tokens[TOKENS], settings, split)
+            summary[split]["documents"] = len(docs)
+        if settings.packing == "chunk":
+            return splits, summary, {}
+        return splits, summary, {"packing": {"mode": settings.packing, "row_length": settings.max_sequence_length}}
+
+    def summary_lines(self, prepared: PreparedData) -> list[str]:
+        from rafale.data.packing import efficiency_lines
+
+        return efficiency_lines(prepared)
 
     def collator(self, prepared: PreparedData, settings: CausalSettings, seed: int):
         from rafale.data.collate import PaddingCollator
@@ -70,19 +101,25 @@ class CausalLM(Task):
 
         return {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
 
+    def model_inputs(self, model: torch.nn.Module, batch: dict) -> dict:
+        return {**super().model_inputs(model, batch), "document_ids": batch.get("document_ids")}
+
+    def targets(self, batch: dict) -> torch.Tensor:
+        return next_token_labels(batch["labels"], batch.get("document_ids"))
+
     def train_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(**self.model_inputs(model, batch), labels=next_token_labels(batch["labels"]))
+        return model(**self.model_inputs(model, batch), labels=self.targets(batch))
 
     def eval_outputs(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(**self.model_inputs(model, batch))
 
     def update_metric(self, batch: dict, outputs: torch.Tensor, metric) -> None:
-        metric.update(outputs.flatten(0, 1).float(), next_token_labels(batch["labels"]).flatten())
+        metric.update(outputs.flatten(0, 1).float(), self.targets(batch).flatten())
 
     def loss_tokens(self, batch: dict) -> int:
         from rafale.models.loss import IGNORE_INDEX
 
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return int((self.targets(batch) != IGNORE_INDEX).sum())
 
     def debug_checks(self, model: torch.nn.Module, batch: dict) -> list[str]:
         """A decoder must not see the future: changing a row's second half must leave the first half's logits as
@@ -121,3 +158,33 @@ class CausalLM(Task):
         say("samples:")
         for sample in samples:
             say(f"  {sample['prompt']}{sample['text']}".replace("\n", " "))
+
+
+def whole_documents(tokens: list, settings: CausalSettings, split: str):
+    """(rows of whole documents, their counts): packed into rows with document ids ("documents") or one a row
+    ("none"); a document longer than a row is cut to one or left out, as `overflow` says."""
+    import datasets
+
+    from rafale.data.packing import DOCUMENT_IDS, packed_rows
+    from rafale.errors import RafaleError
+
+    length, column = settings.max_sequence_length, settings.input_id_key
+    longer = sum(len(document) > length for document in tokens)
+    if settings.overflow == "drop":
+        documents = [list(document) for document in tokens if len(document) <= length]
+    else:
+        documents = [list(document[:length]) for document in tokens]
+    if not documents:
+        raise RafaleError(f"data.config.max_sequence_length: every {split} document is longer than {length} tokens; "
+                          f"raise it or set data.config.overflow: truncate")
+    features = {column: datasets.Sequence(datasets.Value("int32"))}
+    if settings.packing == "documents":
+        packed = packed_rows(documents, length)
+        rows = {column: packed["input_ids"], DOCUMENT_IDS: packed[DOCUMENT_IDS]}
+        features[DOCUMENT_IDS] = datasets.Sequence(datasets.Value("int32"))
+    else:
+        rows = {column: documents}
+    dataset = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+    counts = {"tokens": sum(len(document) for document in documents), "blocks": len(dataset),
+              "longer than a row": longer}
+    return dataset, counts

@@ -57,6 +57,9 @@ class SFTSettings(DataSettings):
     chat_template: str = "chatml"
     # A row longer than max_sequence_length: "truncate" cuts it, "drop" leaves it out.
     overflow: Literal["truncate", "drop"] = "truncate"
+    # "documents": the training records packed whole into rows of max_sequence_length (data/packing.py), attention
+    # kept inside each; "none": a record a row, padded. Held-out splits stay a record a row.
+    packing: Literal["none", "documents"] = "none"
     # Held-out records whose greedy answers are scored (exact match) at the end of a run; 0: none.
     eval_examples: Annotated[int, Field(ge=0)] = 200
     # Held-out answers printed at the end of a run.
@@ -67,7 +70,7 @@ class SFTSettings(DataSettings):
 
 class SupervisedFineTuning(CausalLM):
     Settings = SFTSettings
-    cache_settings = ("format", "prompt_template", "input_format", "output_format", "overflow")
+    cache_settings = ("format", "prompt_template", "input_format", "output_format", "overflow", "packing")
 
     def check_settings(self, settings: SFTSettings, where: str) -> None:
         from rafale.data.sources import check_source
@@ -181,6 +184,7 @@ class SupervisedFineTuning(CausalLM):
         import datasets
 
         from rafale.data import formats
+        from rafale.data.packing import DOCUMENT_IDS, packed_rows
         from rafale.models.loss import IGNORE_INDEX
 
         format_settings = self.format_settings(settings, tokenizer=tokenizer, eos_id=eos_id)
@@ -216,18 +220,25 @@ class SupervisedFineTuning(CausalLM):
                     columns[REFERENCE].append(formats.reference_response(record, where, format_settings, fmt))
                 counts["tokens"] += len(ids)
                 counts["response tokens"] += sum(label != IGNORE_INDEX for label in labels)
-            counts["blocks"] = len(columns[key])
             if not columns[key]:
                 raise RafaleError(f"data.config.max_sequence_length: every {split} row is longer than {length} "
                                   f"tokens and lost its response; raise max_sequence_length")
             features = {key: datasets.Sequence(datasets.Value("int32")),
                         LABELS: datasets.Sequence(datasets.Value("int32"))}
+            if settings.packing == "documents" and split == "train":
+                packed = packed_rows(columns[key], length, columns[LABELS])
+                columns = {key: packed["input_ids"], LABELS: packed["labels"], DOCUMENT_IDS: packed[DOCUMENT_IDS]}
+                features[DOCUMENT_IDS] = datasets.Sequence(datasets.Value("int32"))
+            counts["blocks"] = len(columns[key])
             if held_out:
                 features.update({PROMPT: datasets.Value("string"), REFERENCE: datasets.Value("string")})
             splits[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
             summary[split] = counts
         template = format_settings.chat_template if fmt == "chat" else prompt_as_chat_template(format_settings, fmt)
-        return splits, summary, {"format": fmt, "chat_template": formats.CHAT_TEMPLATES.get(template, template)}
+        meta = {"format": fmt, "chat_template": formats.CHAT_TEMPLATES.get(template, template)}
+        if settings.packing == "documents":
+            meta["packing"] = {"mode": "documents", "row_length": length}
+        return splits, summary, meta
 
     def collator(self, prepared: PreparedData, settings: SFTSettings, seed: int):
         from rafale.data.collate import PaddingCollator
@@ -236,7 +247,7 @@ class SupervisedFineTuning(CausalLM):
                                settings.input_id_key, label_key=LABELS)
 
     def summary_lines(self, prepared: PreparedData) -> list[str]:
-        return [f"  format     {prepared.meta.get('format', '?')}"]
+        return [f"  format     {prepared.meta.get('format', '?')}", *super().summary_lines(prepared)]
 
     # --- the end of a run, the export ---------------------------------------------------------------------------
     def report(self, model: torch.nn.Module, prepared: PreparedData, config: RunFile,
