@@ -158,3 +158,27 @@ def test_a_packed_run_trains_and_its_debug_passes(tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "DEBUG PASS" in done.stdout
     assert json.loads((tmp_path / "cache" / "checkpoints" / "run" / "model" / "config.json").read_text())
+
+
+def test_per_document_log_probs_of_a_packed_row_equal_each_document_alone():
+    from rafale.models.loss import document_log_probs, sequence_log_probs
+    from rafale.tasks.causal_lm import next_token_labels
+
+    torch.manual_seed(0)
+    model = build_model("llama-tiny").eval()
+    generator = torch.Generator().manual_seed(2)
+    documents = [torch.randint(0, 128, (n,), generator=generator).tolist() for n in (6, 9, 4)]
+    labels = [[-100, -100] + document[2:] for document in documents]  # a prompt of two tokens each
+    rows = packed_rows(documents, capacity=20, labels=labels)
+    ids, row_labels, doc_ids = (torch.tensor(rows[key]) for key in ("input_ids", "labels", "document_ids"))
+    targets = next_token_labels(row_labels, doc_ids)
+    with torch.no_grad():
+        losses = model(ids, labels=targets, document_ids=doc_ids, reduction="none")
+        packed, counts = document_log_probs(losses, targets, doc_ids)
+        # All three fit one row, in the order best-fit decreasing placed them.
+        for slot, member in enumerate(best_fit_decreasing([len(d) for d in documents], 20)[0]):
+            alone_targets = next_token_labels(torch.tensor([labels[member]]))
+            alone = model(torch.tensor([documents[member]]), labels=alone_targets, reduction="none")
+            expected, count = sequence_log_probs(alone, alone_targets)
+            torch.testing.assert_close(packed[0, slot], expected[0], rtol=1e-5, atol=1e-5)
+            assert counts[0, slot] == count[0]

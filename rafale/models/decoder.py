@@ -13,7 +13,7 @@ from torch import nn
 
 from rafale.errors import RafaleError
 from rafale.models.blocks import Block, KVCache, Rotary, make_norm
-from rafale.models.loss import linear_cross_entropy
+from rafale.models.loss import IGNORE_INDEX, linear_cross_entropy
 from rafale.models.masks import attention_layout
 
 CHOICES = {"norm": ("layernorm", "rmsnorm"), "positions": ("rotary", "learned", "none"), "mlp": ("gelu", "swiglu")}
@@ -141,6 +141,10 @@ class Decoder(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, document_ids)
         if labels is None:
             return self.lm_head(hidden)
+        if reduction != "none":
+            # The head runs where a label is: not on an SFT prompt, padding or each row's last position.
+            labelled = labels != IGNORE_INDEX
+            hidden, labels = hidden[labelled], labels[labelled]
         return linear_cross_entropy(hidden, self.lm_head.weight, labels, reduction=reduction)
 
     def hidden_states(

@@ -103,3 +103,16 @@ def sequence_log_probs(token_losses: torch.Tensor, labels: torch.Tensor,
     """(sum of log p over each row's labelled positions [B] in fp32, their count [B]) from the per-token losses
     [B, T] that `linear_cross_entropy(..., reduction="none")` returns."""
     return -token_losses.float().sum(-1), (labels != ignore_index).sum(-1)
+
+
+def document_log_probs(token_losses: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor,
+                       ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per document of packed rows: (sums of log p over its labelled positions [B, documents] in fp32, their counts),
+    document d of row b at [b, d - 1]; `document_ids` [B, T] numbers each position's document (0 = padding)."""
+    documents = int(document_ids.max())
+    labelled = labels != ignore_index
+    sums = torch.zeros(len(labels), documents + 1, device=labels.device)
+    sums.scatter_add_(1, document_ids, -torch.where(labelled, token_losses.float(), 0.0))
+    counts = torch.zeros(len(labels), documents + 1, dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, document_ids, labelled.long())
+    return sums[:, 1:], counts[:, 1:]
