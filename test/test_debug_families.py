@@ -32,13 +32,11 @@ data:
 SFT = '    prompt_template: "plain"\n'
 
 
+# The families the shipped run files do not train (they cover Pythia and BERT in every task, at their real shapes).
 @pytest.mark.parametrize("preset, pipeline, corpus, length, extra", [
-    ("pythia-tiny", "causal_lm", "stories", 32, ""),
     ("llama-tiny", "causal_lm", "stories", 32, ""),
-    ("bert-test-tiny", "mlm", "stories", 32, ""),
     ("roberta-test-tiny", "mlm", "stories", 32, ""),
-    ("bert-test-tiny", "classification", "sentiment", 32, ""),
-    ("pythia-tiny", "sft", "instructions", 96, SFT),
+    ("roberta-test-tiny", "classification", "sentiment", 32, ""),
     ("llama-tiny", "sft", "instructions", 96, SFT),
 ])
 def test_debug_passes(tmp_path, preset, pipeline, corpus, length, extra):

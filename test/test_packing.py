@@ -2,7 +2,6 @@
 inside each document, labels that never cross a boundary, and the same loss and gradients as the documents one by
 one, for every decoder family."""
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -146,18 +145,16 @@ def test_pretraining_on_whole_documents(tmp_path, monkeypatch):
     assert sum(len(r) for r in dropped.splits["train"]["input_ids"]) < sum(len(r) for r in rows["input_ids"])
 
 
-def test_a_packed_run_trains_and_its_debug_passes(tmp_path):
+def test_debug_passes_on_packed_rows(tmp_path):
+    """DEBUG=1 on packed SFT rows: the loss falls, and the model does not see the future."""
     import subprocess
 
     environment = {**os.environ, "RAFALE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
     path = write_run(tmp_path, "run", {"dataset_path": "synthetic:instructions", "synthetic_documents": 300,
                                        "prompt_template": "plain", "packing": "documents"})
-    for flag in ("", "1"):
-        done = subprocess.run([sys.executable, "-m", "rafale", "-c", str(path)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300, env={**environment, "DEBUG": flag})
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "DEBUG PASS" in done.stdout
-    assert json.loads((tmp_path / "cache" / "checkpoints" / "run" / "model" / "config.json").read_text())
+    done = subprocess.run([sys.executable, "-m", "rafale", "-c", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**environment, "DEBUG": "1"})
+    assert done.returncode == 0 and "DEBUG PASS" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_per_document_log_probs_of_a_packed_row_equal_each_document_alone():
