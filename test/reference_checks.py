@@ -24,3 +24,14 @@ def check_left_padded_batch(model, reference, vocab_size: int = 128) -> None:
         for row, pad in enumerate(pads):
             assert max_diff(ours[row, pad:], theirs[row, pad:]) <= TOLERANCE
             assert max_diff(ours[row, pad:], model(input_ids[row : row + 1, pad:])[0]) <= TOLERANCE
+
+
+def random_hf_decoder(family: str, vocab_size: int, layers: int, max_positions: int):
+    """A random-init transformers decoder: Llama with grouped-query attention (4 heads, 2 kv heads), or GPT-NeoX."""
+    import transformers
+
+    shape = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                 intermediate_size=96, max_position_embeddings=max_positions)
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **shape))
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from reference_checks import random_hf_decoder
 
 from rafale.config import load_run_file
 
@@ -356,17 +357,12 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 def test_fine_tuning_starts_from_a_hugging_face_folder_with_its_architecture_and_tokenizer(tmp_path, monkeypatch,
                                                                                           family):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from rafale.data import prepare_data
     from rafale.train import build_language_model
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
-                 max_position_embeddings=256)
-    if family == "llama":
-        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **shape))
-    else:
-        reference = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape))
+    reference = random_hf_decoder(family, 320, 3, 256)
     folder = tmp_path / family
     reference.save_pretrained(folder)
     merging_tokenizer(folder)

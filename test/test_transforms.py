@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from reference_checks import random_hf_decoder
 
 from rafale import transforms
 from rafale.errors import RafaleError
@@ -111,16 +112,11 @@ def test_heads_are_left_out_unless_a_rule_names_them():
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 def test_the_peft_adapter_loads_onto_the_base_for_the_same_logits(tmp_path, family):
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from rafale.models import load_pretrained
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                 max_position_embeddings=128)
-    if family == "llama":
-        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **shape))
-    else:
-        reference = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape))
+    reference = random_hf_decoder(family, 128, 2, 128)
     reference.save_pretrained(tmp_path / "base")
     model = load_pretrained(tmp_path / "base")
     transforms.apply(model, [lora("attention", r=4, alpha=16, projections=["q", "v"]), lora("mlp", r=4, alpha=16)],
