@@ -281,22 +281,27 @@ from rafale.train import build_language_model, trainer_arguments
 
 
 class SaveGradients(Callback):
+    def __init__(self, path):
+        self.path = path
+
     def after_train_batch(self, state, logger):
         if dist.get_global_rank() == 0:
-            torch.save({n: p.grad.clone() for n, p in state.model.module.model.named_parameters()
-                        if p.grad is not None} if hasattr(state.model, "module") else
-                       {n: p.grad.clone() for n, p in state.model.model.named_parameters() if p.grad is not None},
-                       sys.argv[2])
+            model = state.model.module if hasattr(state.model, "module") else state.model
+            torch.save({n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None},
+                       self.path)
 
 
-config = load_run_file(sys.argv[1])
-prepared = prepare_data(config)
-train, evaluation = build_dataloaders(config.task, prepared, config.data.config, config.run.seed)
-torch.manual_seed(0)
-model = build_language_model(config, prepared)
-trainer = Trainer(**trainer_arguments(config, model, train, evaluation, "1ba", loggers=[],
-                                      callbacks=[SaveGradients()], checkpoints=None))
-trainer.fit()
+# Pairs of (run file, gradients file): one process trains each in turn, which saves a start-up per pair.
+for run_path, gradients_path in zip(sys.argv[1::2], sys.argv[2::2]):
+    config = load_run_file(run_path)
+    prepared = prepare_data(config)
+    train, evaluation = build_dataloaders(config.task, prepared, config.data.config, config.run.seed)
+    torch.manual_seed(0)
+    model = build_language_model(config, prepared)
+    trainer = Trainer(**trainer_arguments(config, model, train, evaluation, "1ba", loggers=[],
+                                          callbacks=[SaveGradients(gradients_path)], checkpoints=None))
+    trainer.fit()
+    trainer.close()
 """
 
 
@@ -310,16 +315,16 @@ def test_one_batch_has_the_same_gradients_whole_in_microbatches_and_on_two_proce
     data = {"dataset_path": str(write_jsonl(tmp_path / "train.jsonl", records)), "format": "input_output",
             "tokenizer_path": str(merging_tokenizer(tmp_path)), "shuffle_dataset": False, "packing": packing}
     environment = {**os.environ, **QUIET, "RAFALE_CACHE_DIR": str(tmp_path / "cache")}
-    results = {}
-    for name, microbatch, processes in (("whole", 8, 1), ("microbatches", 2, 1), ("processes", 2, 2)):
-        path = run_file(tmp_path, name, data, run={"device_bs": microbatch, "clip_type": "none", "device": "cpu",
-                                                   "max_duration": "1ba"})
-        launcher = ([sys.executable, "-m", "composer.cli.launcher", "-n", str(processes)] if processes > 1
-                    else [sys.executable])
-        done = subprocess.run([*launcher, str(script), str(path), str(tmp_path / f"{name}.pt")], cwd=ROOT,
-                              env=environment, capture_output=True, text=True, timeout=300)
+    runs = {name: [str(run_file(tmp_path, name, data, run={"device_bs": microbatch, "clip_type": "none",
+                                                            "device": "cpu", "max_duration": "1ba"})),
+                   str(tmp_path / f"{name}.pt")]
+            for name, microbatch in (("whole", 8), ("microbatches", 2), ("processes", 2))}
+    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", "2"]
+    for command in ([sys.executable, str(script), *runs["whole"], *runs["microbatches"]],
+                    [*launcher, str(script), *runs["processes"]]):
+        done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        results[name] = torch.load(tmp_path / f"{name}.pt")
+    results = {name: torch.load(gradients) for name, (_, gradients) in runs.items()}
     whole = results["whole"]
     for name in ("microbatches", "processes"):
         assert results[name].keys() == whole.keys()
