@@ -160,26 +160,30 @@ def test_a_lora_run_checkpoints_its_adapters_only_resumes_bit_for_bit_and_export
                                 "vocab_size": 320, "max_sequence_length": 64, "train_batch_size": 8}}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
 
-    def rafale(name, wait=True):
-        command = [sys.executable, "-m", "rafale", "-c", str(tmp_path / f"{name}.yaml")]
-        if not wait:
-            return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-        return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    def start(name):
+        """The run in the background, its output in files: a pipe nobody reads yet could fill and stall it."""
+        output = [open(tmp_path / f"{name}.{stream}", "w+") for stream in ("out", "err")]
+        process = subprocess.Popen([sys.executable, "-m", "rafale", "-c", str(tmp_path / f"{name}.yaml")],
+                                   cwd=ROOT, env=environment, stdout=output[0], stderr=output[1], text=True)
+        process.output = output
+        return process
 
-    assert rafale("base").returncode == 0
+    def finish(process):
+        process.wait(timeout=300)
+        texts = []
+        for stream in process.output:
+            stream.seek(0)
+            texts.append(stream.read())
+            stream.close()
+        return subprocess.CompletedProcess(process.args, process.returncode, *texts)
+
+    assert finish(start("base")).returncode == 0
     for name in ("reference", "resumed"):
         run = {**LORA_RUN, "run": {**LORA_RUN["run"], "name": name, "checkpoint_dir": "."}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(run))
-    done = rafale("reference")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "transforms:\n  transforms[0] (lora on 'all-linear'): 8 modules" in done.stdout
-    assert "adapter exported to" in done.stdout
-
-    saved = load_checkpoint_safely(tmp_path / "reference" / "checkpoints" / "ep0-ba4-rank0.pt")
-    assert saved["state"]["model"] and all(".lora_" in key for key in saved["state"]["model"])
-
-    killed = rafale("resumed", wait=False)
+    # The uninterrupted run and the one to kill are independent: they share the cores instead of taking turns.
+    reference = start("reference")
+    killed = start("resumed")
     checkpoint = tmp_path / "resumed" / "checkpoints" / "ep0-ba4-rank0.pt"
     deadline = time.monotonic() + 240
     latest = checkpoint.with_name("latest-rank0.pt")
@@ -188,8 +192,15 @@ def test_a_lora_run_checkpoints_its_adapters_only_resumes_bit_for_bit_and_export
         assert killed.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    done = rafale("resumed")
+    finish(killed)
+    done = finish(reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transforms:\n  transforms[0] (lora on 'all-linear'): 8 modules" in done.stdout
+    assert "adapter exported to" in done.stdout
+    saved = load_checkpoint_safely(tmp_path / "reference" / "checkpoints" / "ep0-ba4-rank0.pt")
+    assert saved["state"]["model"] and all(".lora_" in key for key in saved["state"]["model"])
+
+    done = finish(start("resumed"))
     assert done.returncode == 0 and "resumed from the latest checkpoint" in done.stdout, done.stderr[-3000:]
     ours = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     theirs = load_file(tmp_path / "reference" / "model" / "model.safetensors")
