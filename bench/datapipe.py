@@ -66,11 +66,17 @@ def build(code: Path, run_file: Path, cache: Path) -> dict[str, float]:
     process = subprocess.Popen([sys.executable, str(code / "rafale" / "main"), "-c", str(run_file)], cwd=code,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak_resident = peak_anonymous = 0
+    reported = start
     while process.poll() is None:
         now = status(process.pid)
         peak_resident = max(peak_resident, now.get("VmHWM", 0))
         peak_anonymous = max(peak_anonymous, now.get("RssAnon", 0))
         time.sleep(0.02)
+        if time.perf_counter() - reported > 60:  # a long build says how far it has come
+            reported = time.perf_counter()
+            written = sum(file.stat().st_size for file in cache.rglob("*.arrow") if file.is_file())
+            print(f"  ... {reported - start:.0f} s: {written / 1e9:.2f} GB of Arrow files in the cache so far, peak "
+                  f"resident {peak_resident / 1e9:.2f} GB, anonymous {peak_anonymous / 1e9:.2f} GB", flush=True)
     elapsed = time.perf_counter() - start
     output = process.stdout.read()
     if process.returncode != 0:
@@ -110,6 +116,7 @@ def main() -> None:
                 rows.append((f"{name}, {megabytes} MB of text: {result['tokens']:,} tokens",
                              f"{result['seconds']:.1f} s, {result['tok_s'] / 1e6:.2f}M tok/s, peak resident "
                              f"{result['resident_gb']:.2f} GB, anonymous {result['anonymous_gb']:.2f} GB"))
+                print("  ".join(rows[-1]), flush=True)  # the table comes at the end; each build as it ends
                 if name == "this checkout" and megabytes == args.sizes_mb[-1]:
                     reload = build(code, run_file, cache)
                     figures["cache_reload_s"] = reload["seconds"]
