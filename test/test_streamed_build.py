@@ -130,3 +130,15 @@ def test_a_short_build_prints_no_progress():
     shown.update(40, 9_000)
     shown.close()
     assert terminal.getvalue() == ""
+
+
+def test_a_rebuild_writes_the_same_bytes(tmp_path, monkeypatch):
+    source = corpus(tmp_path)
+
+    def arrow_files(cache: str, **data) -> dict[str, bytes]:
+        monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / cache))
+        folder = prepared(source, max_sequence_length=32, **data).path
+        return {str(file.relative_to(folder)): file.read_bytes() for file in sorted(folder.rglob("*.arrow"))}
+
+    first = arrow_files("first")
+    assert first and first == arrow_files("again") == arrow_files("sharded", build_shard_documents=3, num_processes=2)
