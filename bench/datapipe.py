@@ -2,12 +2,13 @@
 save) on .jsonl corpora of given sizes, with the GPT-NeoX tokenizer and 2 processes, each build in its own process
 with a fresh cache; then the time to reload a prepared cache.
 
-    python bench/datapipe.py                                   # 100 MB and 1 GB of text
-    python bench/datapipe.py --baseline DIR     # and the smallest build by another checkout, side by side
+    python bench/datapipe.py                   # 100 MB and 1 GB of text
+    python bench/datapipe.py --baseline DIR    # and the smallest build by another checkout, side by side
 
-The text is rafale's synthetic stories (50,000 of them, about 24 MB) repeated to size. Peak memory is the build's
+The text is rafale's synthetic stories (50,000 of them) repeated to size. Peak memory is the build's
 main process: resident (VmHWM, file-backed pages of memory-mapped Arrow files included) and anonymous (RssAnon,
-sampled every 20 ms; the memory that cannot be given back to the page cache). The tokenizing processes each hold
+sampled every 20 ms: what the kernel cannot reclaim without swap). Time is wall time and, less
+noisy on a shared machine, the CPU time of the build and its tokenizing processes. The tokenizing processes each hold
 about one shard (`build_shard_documents`).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,6 +64,8 @@ def status(pid: int) -> dict[str, int]:
 def build(code: Path, run_file: Path, cache: Path) -> dict[str, float]:
     """One DATA=1 build by the checkout at `code`: its time, tokens, and main process's peak memory."""
     env = {**os.environ, "DATA": "1", "RAFALE_CACHE_DIR": str(cache), "PYTHONPATH": str(code)}
+    # CPU time of the build and the processes it waited for: on a shared machine, less noisy than the wall time.
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, str(code / "rafale" / "main"), "-c", str(run_file)], cwd=code,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -78,12 +82,15 @@ def build(code: Path, run_file: Path, cache: Path) -> dict[str, float]:
             print(f"  ... {reported - start:.0f} s: {written / 1e9:.2f} GB of Arrow files in the cache so far, peak "
                   f"resident {peak_resident / 1e9:.2f} GB, anonymous {peak_anonymous / 1e9:.2f} GB", flush=True)
     elapsed = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     output = process.stdout.read()
     if process.returncode != 0:
         raise SystemExit(f"build by {code} failed:\n{output[-3000:]}")
     meta = json.loads(next((cache / "data").glob("*/meta.json")).read_text())
     tokens = sum(split["tokens"] for split in meta["summary"].values())
-    return {"seconds": elapsed, "tokens": tokens, "tok_s": tokens / elapsed, "resident_gb": peak_resident / 1e9,
+    return {"seconds": elapsed, "tokens": tokens, "tok_s": tokens / elapsed, "cpu_seconds": cpu_seconds,
+            "tok_per_cpu_s": tokens / cpu_seconds, "resident_gb": peak_resident / 1e9,
             "anonymous_gb": peak_anonymous / 1e9}
 
 
@@ -114,7 +121,8 @@ def main() -> None:
                 prefix = f"{'baseline_' if name == 'baseline' else ''}{megabytes}mb"
                 figures.update({f"{prefix}_{key}": value for key, value in result.items()})
                 rows.append((f"{name}, {megabytes} MB of text: {result['tokens']:,} tokens",
-                             f"{result['seconds']:.1f} s, {result['tok_s'] / 1e6:.2f}M tok/s, peak resident "
+                             f"{result['seconds']:.1f} s, {result['tok_s'] / 1e6:.2f}M tok/s "
+                             f"({result['tok_per_cpu_s'] / 1e6:.2f}M per CPU second), peak resident "
                              f"{result['resident_gb']:.2f} GB, anonymous {result['anonymous_gb']:.2f} GB"))
                 print("  ".join(rows[-1]), flush=True)  # the table comes at the end; each build as it ends
                 if name == "this checkout" and megabytes == args.sizes_mb[-1]:
