@@ -182,6 +182,9 @@ class DataSettings(Section):
     vocab_size: Annotated[int, Field(ge=256)] = 4096
     max_sequence_length: PositiveInt = 512
     num_processes: PositiveInt = 1
+    # Documents tokenized and cut into rows at a time while building: the build's memory follows this (times
+    # num_processes), not the corpus. The rows do not depend on it.
+    build_shard_documents: PositiveInt = 4096
     # Global batch sizes: with several training processes each takes an equal share, so they must divide evenly.
     train_batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 16

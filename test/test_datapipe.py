@@ -103,6 +103,7 @@ def test_cache_is_reused_without_tokenizing(monkeypatch):
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr("rafale.data.chunking.tokenize", no_tokenizing)
+    monkeypatch.setattr("rafale.data.chunking.chunk", no_tokenizing)
     # Batch sizes, process counts and shuffling of training blocks do not change the tokens.
     for change in ({}, {"train_batch_size": 3, "eval_batch_size": 5, "num_processes": 2, "shuffle_train": False}):
         again = prepare_data(run_file(dataset_path="synthetic:stories", synthetic_documents=100, **change))
@@ -143,7 +144,7 @@ def test_a_trained_tokenizer_is_reused_across_block_lengths(cache_dir):
 def test_a_killed_build_is_never_reused(tmp_path, cache_dir):
     source = write_txt(tmp_path / "stories.txt", generate_stories(40, seed=0))
     config = run_file(dataset_path=str(source))
-    # A build killed after tokenizing, as it cuts blocks.
+    # A build killed after loading the documents, as it starts tokenizing and cutting blocks.
     script = textwrap.dedent("""
         import os, signal, sys
         import rafale.data.chunking

@@ -1,24 +1,32 @@
 """Concatenate and chunk: documents -> token ids with an EOS after each -> one stream per split -> blocks.
 
 What the causal LM and the MLM (in its "chunk" mode) make their rows with. Blocks are cut from the whole split's
-stream at once (not per `map` batch or per process), so they are the same whatever `num_processes` is, and
-joined back together they are exactly the stream. The last partial block is dropped (`tail: drop`) or kept as a
-shorter row (`tail: pad`) that the collator pads.
+stream (not per `map` batch or per process), so they are the same whatever `num_processes` or
+`build_shard_documents` is, and joined back together they are exactly the stream. The last partial block is
+dropped (`tail: drop`) or kept as a shorter row (`tail: pad`) that the collator pads.
+
+The stream is never held whole: `build_shard_documents` documents at a time are tokenized (by `num_processes`
+processes, a few shards ahead), their ids appended to the tokens left over from the shard before, every full block
+written to an Arrow file, and what is left (less than a block) carried into the next shard. Memory follows that
+setting, not the corpus; datasets then reads the file memory-mapped.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from rafale.config import DataSettings
+from rafale.data.progress import BuildProgress
 from rafale.errors import RafaleError
 
 if TYPE_CHECKING:
+    import numpy as np
     from datasets import Dataset
     from tokenizers import Tokenizer
 
-# The column that holds each document's token ids between tokenizing and chunking.
+# The column that holds each document's token ids between tokenizing and packing (data/packing.py).
 TOKENS = "tokens"
 
 
@@ -29,11 +37,7 @@ def tokenize(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int,
     import pyarrow as pa
 
     def encode(texts: list[str]) -> pa.Table:
-        # No special tokens: a BERT-style tokenizer would wrap every document in [CLS] ... [SEP].
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        # An Arrow table, not Python lists: datasets writes it as is, without converting row by row.
-        ids = pa.array([encoding.ids + [eos_id] for encoding in encodings], type=pa.list_(pa.int32()))
-        return pa.table({TOKENS: ids})
+        return pa.table({TOKENS: _encode(tokenizer, texts, eos_id)})
 
     return documents.map(encode, input_columns=[column], batched=True, remove_columns=documents.column_names,
                          num_proc=num_processes if num_processes > 1 else None,
@@ -41,23 +45,101 @@ def tokenize(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int,
                          cache_file_name=str(cache_file), desc="Tokenizing")
 
 
-def chunk(tokens: Dataset, settings: DataSettings, split: str) -> tuple[Dataset, int]:
-    """(blocks of `max_sequence_length` ids in column `input_id_key`, number of tokens in them)."""
+def _encode(tokenizer: Tokenizer, texts: list[str], eos_id: int):
+    """Each text's token ids with EOS appended, as an Arrow list array of int32."""
+    import pyarrow as pa
+
+    # No special tokens: a BERT-style tokenizer would wrap every document in [CLS] ... [SEP].
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    # An Arrow array, not Python lists: written and flattened as is, without converting row by row.
+    return pa.array([encoding.ids + [eos_id] for encoding in encodings], type=pa.list_(pa.int32()))
+
+
+def chunk(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, settings: DataSettings, split: str,
+          blocks_file: Path, frame: tuple[Sequence[int], Sequence[int]] = ((), ())) -> tuple[Dataset, int]:
+    """(blocks of `max_sequence_length` ids in column `input_id_key`, number of tokens in them), written to
+    `blocks_file` shard by shard. `frame`: ids put before and after every block (an encoder's [CLS] and [SEP]),
+    not counted in the tokens; the blocks are then Arrow lists, else large lists (a split may hold more than 2**31
+    tokens)."""
     import datasets
     import numpy as np
     import pyarrow as pa
-    from datasets.table import InMemoryTable
 
-    length = settings.max_sequence_length
-    # flatten() honours each chunk's offsets, so the stream is exactly the documents' ids in order.
-    stream = pa.concat_arrays([piece.flatten() for piece in tokens.data.column(TOKENS).chunks])
-    total = len(stream)
-    kept = total if settings.tail == "pad" else total - total % length
+    length, (prefix, suffix) = settings.max_sequence_length, frame
+    framed = bool(prefix or suffix)
+    schema = pa.schema({settings.input_id_key: pa.list_(pa.int32()) if framed else pa.large_list(pa.int32())})
+    progress = BuildProgress(f"tokenizing and chunking {split}", len(documents))
+    carry, kept = np.empty(0, dtype=np.int32), 0
+    with pa.OSFile(str(blocks_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        def write(blocks: np.ndarray) -> None:
+            """Blocks as rows of a [rows, tokens] array: framed, and written as one record batch."""
+            rows = len(blocks)
+            if framed:
+                blocks = np.hstack([np.tile(np.asarray(prefix, np.int32), (rows, 1)), blocks,
+                                    np.tile(np.asarray(suffix, np.int32), (rows, 1))])
+            width = blocks.shape[1]
+            offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32 if framed else np.int64))
+            array_type = pa.ListArray if framed else pa.LargeListArray
+            writer.write_batch(pa.record_batch([array_type.from_arrays(offsets, pa.array(blocks.ravel()))],
+                                               schema=schema))
+
+        for ids, count in _tokenized_shards(documents, column, tokenizer, eos_id, settings):
+            stream = np.concatenate([carry, ids])
+            full = len(stream) - len(stream) % length
+            if full:
+                write(stream[:full].reshape(-1, length))
+            carry, kept = stream[full:], kept + full
+            progress.update(count, len(ids))
+        progress.close()
+        if settings.tail == "pad" and len(carry):
+            write(carry.reshape(1, -1))
+            kept += len(carry)
     if kept == 0:
-        raise RafaleError(f"data.config.max_sequence_length: the {split} split has {total} tokens, fewer than one "
-                          f"block of {length}; lower max_sequence_length, add data or set data.config.tail: pad")
-    starts = np.arange(0, kept, length, dtype=np.int64)
-    offsets = pa.array(np.append(starts, kept))
-    # Large lists: a split may hold more than 2**31 tokens.
-    blocks = pa.LargeListArray.from_arrays(offsets, stream.slice(0, kept))
-    return datasets.Dataset(InMemoryTable(pa.table({settings.input_id_key: blocks}))), kept
+        raise RafaleError(f"data.config.max_sequence_length: the {split} split has {len(carry)} tokens, fewer than "
+                          f"one block of {length}; lower max_sequence_length, add data or set data.config.tail: pad")
+    return datasets.Dataset.from_file(str(blocks_file)), kept
+
+
+def _tokenized_shards(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int,
+                      settings: DataSettings) -> Iterator[tuple[np.ndarray, int]]:
+    """(the shard's token ids, EOS after each document, as one int32 array; its number of documents), shard after
+    shard in the documents' order."""
+    import multiprocessing
+
+    documents = documents.select_columns([column])
+    size, processes = settings.build_shard_documents, settings.num_processes
+    bounds = [(start, min(start + size, len(documents))) for start in range(0, len(documents), size)]
+    if processes == 1:
+        for bound in bounds:
+            yield _shard_ids(documents, column, tokenizer, eos_id, bound)
+        return
+    with multiprocessing.get_context("fork").Pool(processes, initializer=_start_worker,
+                                                  initargs=(documents, column, tokenizer, eos_id)) as pool:
+        # A few shards ahead of the writer, never the whole corpus: each waiting shard is memory.
+        pending: deque = deque()
+        for bound in bounds:
+            pending.append(pool.apply_async(_tokenize_shard, (bound,)))
+            if len(pending) > 2 * processes:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# What a tokenizing process works on, set once when it starts (a pool's tasks then carry only shard bounds).
+_worker: dict = {}
+
+
+def _start_worker(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int) -> None:
+    _worker.update(documents=documents, column=column, tokenizer=tokenizer, eos_id=eos_id)
+
+
+def _tokenize_shard(bound: tuple[int, int]) -> tuple[np.ndarray, int]:
+    return _shard_ids(bound=bound, **_worker)
+
+
+def _shard_ids(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int,
+               bound: tuple[int, int]) -> tuple[np.ndarray, int]:
+    start, stop = bound
+    ids = _encode(tokenizer, documents[start:stop][column], eos_id)
+    # flatten() honours the array's offsets, so the stream is exactly the documents' ids in order.
+    return ids.flatten().to_numpy(), stop - start

@@ -72,13 +72,14 @@ class CausalLM(Task):
 
         splits, summary = {}, {}
         for split, docs in documents.items():
-            tokens = tokenize(docs, settings.text_column, tokenizer, eos_id, settings.num_processes,
-                              work / f"{split}.arrow")
             if settings.packing == "chunk":
-                blocks, kept = chunk(tokens, settings, split)
+                blocks, kept = chunk(docs, settings.text_column, tokenizer, eos_id, settings, split,
+                                     work / f"{split}-blocks.arrow")
                 splits[split] = blocks
                 summary[split] = {"documents": len(docs), "tokens": kept, "blocks": len(blocks)}
                 continue
+            tokens = tokenize(docs, settings.text_column, tokenizer, eos_id, settings.num_processes,
+                              work / f"{split}.arrow")
             splits[split], summary[split] = whole_documents(tokens[TOKENS], settings, split)
             summary[split]["documents"] = len(docs)
         if settings.packing == "chunk":

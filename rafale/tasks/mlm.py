@@ -113,7 +113,7 @@ class MaskedLM(EncoderTask):
 def prepare(documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings: MLMSettings,
             work: Path) -> Prepared:
     """(rows per split, their summary, what meta.json should add: nothing here)."""
-    from rafale.data.chunking import chunk, tokenize
+    from rafale.data.chunking import chunk
 
     mask_token_id(tokenizer, settings.tokenizer_path or "the trained tokenizer")
     prefix, suffix = wrapping_ids(tokenizer)
@@ -124,11 +124,9 @@ def prepare(documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings:
     splits, summary = {}, {}
     for split, docs in documents.items():
         if settings.mlm_truncate == "chunk":
-            tokens = tokenize(docs, settings.text_column, tokenizer, eos_id, settings.num_processes,
-                              work / f"{split}.arrow")
             inner = settings.model_copy(update={"max_sequence_length": length - len(prefix) - len(suffix)})
-            blocks, _ = chunk(tokens, inner, split)
-            rows = _frame(blocks, settings.input_id_key, prefix, suffix, work / f"{split}-framed.arrow")
+            rows, _ = chunk(docs, settings.text_column, tokenizer, eos_id, inner, split,
+                            work / f"{split}-blocks.arrow", frame=(prefix, suffix))
         else:
             rows = _truncated(docs, settings, truncating_copy(tokenizer, length), work / f"{split}-rows.arrow")
         splits[split] = rows
@@ -141,14 +139,6 @@ def _features(column: str):
     import datasets
 
     return datasets.Features({column: datasets.Sequence(datasets.Value("int32"))})
-
-
-def _frame(blocks: Dataset, column: str, prefix: list[int], suffix: list[int], cache_file: Path) -> Dataset:
-    def frame(rows: list[list[int]]) -> dict[str, list[list[int]]]:
-        return {column: [prefix + row + suffix for row in rows]}
-
-    return blocks.map(frame, input_columns=[column], batched=True, features=_features(column),
-                      cache_file_name=str(cache_file), desc="Framing blocks")
 
 
 def _truncated(docs: Dataset, settings: MLMSettings, tokenizer: Tokenizer, cache_file: Path) -> Dataset:
