@@ -226,5 +226,5 @@ def test_bad_input_names_what_is_wrong(pythia_folder, stories_file, tmp_path):
         with pytest.raises(RafaleError, match=message):
             evaluate_folder(**arguments)
     (tmp_path / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
-    with pytest.raises(RafaleError):
+    with pytest.raises(RafaleError, match="no config.json"):
         evaluate_folder(tmp_path, str(stories_file))
