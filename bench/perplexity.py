@@ -4,8 +4,9 @@
 
 Both score the same rolling windows in the same batches of right-padded windows: rafale sends only the scored
 positions through its LM head, a chunk of rows at a time (rafale/evaluate/perplexity.py); transformers as its
-perplexity guide does, the logits of every position then their cross-entropy. Predicted tokens per second; after one untimed call each, rounds alternate between the two, the
-median is kept, and the summed log-likelihoods must agree to 1e-4 relative.
+perplexity guide does, the logits of every position then their cross-entropy. Predicted tokens per second; after
+one untimed call each, rounds alternate between the two, the median is kept, and the summed log-likelihoods must
+agree to 1e-4 relative.
 """
 
 from __future__ import annotations
