@@ -228,3 +228,19 @@ def test_bad_input_names_what_is_wrong(pythia_folder, stories_file, tmp_path):
     (tmp_path / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
     with pytest.raises(RafaleError, match="no config.json"):
         evaluate_folder(tmp_path, str(stories_file))
+
+
+def test_jsonl_and_saved_datasets_score_the_same_documents_as_text(pythia_folder, stories_file, tmp_path):
+    import datasets
+
+    from_text, split = evaluate_folder(pythia_folder, str(stories_file), window=8)
+    assert split == "train"
+    records = tmp_path / "stories.jsonl"
+    records.write_text("".join(json.dumps({"body": story}) + "\n" for story in STORIES), encoding="utf-8")
+    from_jsonl, _ = evaluate_folder(pythia_folder, str(records), column="body", window=8)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["Not these."]}),
+                          "validation": datasets.Dataset.from_dict({"text": STORIES})}).save_to_disk(str(saved))
+    from_saved, split = evaluate_folder(pythia_folder, str(saved), window=8)
+    assert split == "validation"
+    assert from_jsonl == from_text and from_saved == from_text
