@@ -244,3 +244,15 @@ def test_jsonl_and_saved_datasets_score_the_same_documents_as_text(pythia_folder
     from_saved, split = evaluate_folder(pythia_folder, str(saved), window=8)
     assert split == "validation"
     assert from_jsonl == from_text and from_saved == from_text
+
+
+def test_the_prefix_is_the_folders_bos_else_its_end_of_text_token(tmp_path):
+    from rafale.evaluate.perplexity import prefix_id
+
+    tokenizer = story_tokenizer()
+    end_of_text = tokenizer.token_to_id("<|endoftext|>")
+    assert prefix_id(tmp_path, tokenizer, None) == (end_of_text, "<|endoftext|>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<|padding|>"}}))
+    assert prefix_id(tmp_path, tokenizer, None) == (tokenizer.token_to_id("<|padding|>"), "<|padding|>")
+    assert prefix_id(tmp_path, tokenizer, "<|endoftext|>") == (end_of_text, "<|endoftext|>")
+    assert prefix_id(tmp_path, tokenizer, "none") == (None, None)
