@@ -256,3 +256,12 @@ def test_the_prefix_is_the_folders_bos_else_its_end_of_text_token(tmp_path):
     assert prefix_id(tmp_path, tokenizer, None) == (tokenizer.token_to_id("<|padding|>"), "<|padding|>")
     assert prefix_id(tmp_path, tokenizer, "<|endoftext|>") == (end_of_text, "<|endoftext|>")
     assert prefix_id(tmp_path, tokenizer, "none") == (None, None)
+
+
+def test_an_encoder_is_refused_before_the_data_is_read(tmp_path):
+    from rafale.models import build_model, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(build_model("bert-test-tiny", {"vocab_size": VOCAB}), tmp_path, tokenizer=story_tokenizer())
+    with pytest.raises(RafaleError, match="needs a causal LM"):
+        evaluate_folder(tmp_path, str(tmp_path / "not-read.txt"))
