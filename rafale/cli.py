@@ -113,6 +113,40 @@ def generate(
             typer.echo(f"{result['prompt']}{result['text']}\n")
 
 
+@app.command("eval")
+def evaluate(
+    path: Path = typer.Argument(..., help="A Hugging Face-format Pythia/Llama folder with tokenizer.json, or a run's "
+                                "folder."),
+    data: str = typer.Option(..., "--data", "-d", help="A .txt file (documents separated by blank lines), a "
+                             ".jsonl/.json/.parquet file, a folder of such files, a save_to_disk folder, a hub "
+                             "name or synthetic:stories."),
+    column: str = typer.Option("text", "--column", help="The column that holds the documents."),
+    split: Optional[str] = typer.Option(None, "--split", help="The split to score; default: test, else "
+                                        "validation, else train."),
+    window: Optional[int] = typer.Option(None, "--window", min=1, help="Inputs per window; default: the model's "
+                                         "max_position_embeddings."),
+    stride: Optional[int] = typer.Option(None, "--stride", min=1, help="Advance of the windows; below --window they "
+                                         "overlap and each scores only its new tokens. Default: the window "
+                                         "(disjoint, as lm-evaluation-harness)."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="The token before each document (context only); "
+                                         "default: the folder's BOS, else its end-of-text token; 'none' for none."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object with the settings, counts and figures."),
+) -> None:
+    """Perplexity of documents: token, word and byte perplexity and bits per byte (lm-evaluation-harness's
+    definitions), over rolling windows in which every token is predicted once."""
+    import json
+
+    from rafale.evaluate.perplexity import evaluate_folder, progress_line
+
+    result, used_split = evaluate_folder(path, data, column, split, prefix, window, stride, batch_size,
+                                         progress_line())
+    if as_json:
+        typer.echo(json.dumps({"model": str(path), "data": data, "split": used_split, **result.as_dict()}))
+    else:
+        typer.echo("\n".join([f"{path} on {data} (split {used_split})", *result.lines()]))
+
+
 def run() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2, never a traceback.
 

@@ -206,14 +206,14 @@ def chat_prompts(folder: str | Path, messages: list[str]) -> list[str]:
     return [render_chat([{"role": "user", "content": message}], template, True, **tokens) for message in messages]
 
 
-def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = False, **options) -> list[dict]:
-    """generate_text with the model and tokenizer.json of a Hugging Face folder, or of a run folder's `model/`;
-    `chat` renders each prompt as a user turn with the folder's chat template first (`chat_prompts`)."""
+def load_folder(path: str | Path):
+    """(folder, model, tokenizer) of a Hugging Face folder with tokenizer.json, or of a run folder's `model/`: the
+    model in eval mode with any transform rules exported beside it applied again, on the GPU when there is one."""
     from tokenizers import Tokenizer
 
     folder = model_folder(path)
     if not (folder / TOKENIZER_FILE).is_file():
-        raise RafaleError(f"{folder}: no {TOKENIZER_FILE} beside the model (export with a tokenizer to generate text)")
+        raise RafaleError(f"{folder}: no {TOKENIZER_FILE} beside the model (export with a tokenizer to use it on text)")
     try:
         tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
@@ -229,6 +229,13 @@ def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = Fals
                           f"vocabulary is {model.config.vocab_size}; this tokenizer does not belong to this model")
     if torch.cuda.is_available():
         model = model.cuda()
+    return folder, model, tokenizer
+
+
+def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = False, **options) -> list[dict]:
+    """generate_text with the model and tokenizer.json of a Hugging Face folder, or of a run folder's `model/`;
+    `chat` renders each prompt as a user turn with the folder's chat template first (`chat_prompts`)."""
+    folder, model, tokenizer = load_folder(path)
     if chat:
         # Encoded as training encoded the rendered text: the template writes any special tokens itself.
         results = generate_text(model, tokenizer, chat_prompts(folder, prompts), add_special_tokens=False, **options)

@@ -1,0 +1,282 @@
+"""Perplexity of a causal LM over documents, with the figures lm-evaluation-harness reports for `wikitext`.
+
+Each document is encoded as training encoded it (no special tokens) and scored after a prefix token, the
+end-of-text token that precedes every document in rafale's training stream (or the folder's BOS): the prefix is
+context only, so every token of the document is predicted exactly once. Long documents are cut into windows of at
+most `window` inputs. Disjoint windows (the default, stride = window) are lm-eval's `loglikelihood_rolling`; a
+smaller stride is the overlapping variant of transformers' perplexity guide, each window scoring only the tokens
+no earlier window scored. The last window of a document ends at its end and reaches back as far as the window
+allows, so its tokens never see less context than they would in a fresh window.
+
+Over all documents, with LL the summed log-likelihood (natural log):
+token perplexity exp(-LL / predicted tokens), word perplexity exp(-LL / words) with words =
+len(re.split(r"\\s+", document)), byte perplexity exp(-LL / UTF-8 bytes), bits per byte -LL / (bytes * ln 2).
+Token perplexity depends on the tokenizer; the byte and word figures compare models across tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rafale.errors import RafaleError
+from rafale.models.loss import IGNORE_INDEX
+
+DATA_KEY = "--data"
+# Rows per matmul of the LM head, as bytes of their fp32 logits: on a CPU, 128 rows at a 50k vocabulary ran 1.7x as
+# fast as the fused training head (rafale/models/loss.py), which also prepares the gradient that eval never needs.
+HEAD_CHUNK_BYTES = {"cuda": 256 << 20}
+DEFAULT_HEAD_CHUNK_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Window:
+    """Inputs `tokens[begin:end]` of document `document` (its prefix included), scoring the targets
+    `tokens[scored_from + 1 : end + 1]`, the positions from `scored_from - begin` of the window's outputs."""
+
+    document: int
+    begin: int
+    end: int
+    scored_from: int
+
+
+def rolling_windows(document: int, length: int, window: int, stride: int) -> list[Window]:
+    """The windows over a sequence of `length` ids (prefix included) that predict each of ids 1.. exactly once."""
+    if not 0 < stride <= window:
+        raise RafaleError(f"--stride: must be between 1 and the window ({window}); got {stride}")
+    predicted = length - 1
+    windows, scored, start = [], 0, 0
+    while scored < predicted:
+        begin = min(start, max(0, predicted - window))
+        end = min(begin + window, predicted)
+        windows.append(Window(document, begin, end, scored))
+        scored, start = end, start + stride
+    return windows
+
+
+@dataclass
+class Perplexity:
+    """What `rafale eval` prints: the settings that shape the figures, the counts and the figures."""
+
+    window: int
+    stride: int
+    prefix_token: str | None
+    documents: int
+    tokens: int
+    bytes: int
+    words: int
+    log_likelihood: float
+    token_perplexity: float
+    word_perplexity: float
+    byte_perplexity: float
+    bits_per_byte: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        prefix = self.prefix_token if self.prefix_token is not None else "none (first token is context only)"
+        kind = "disjoint" if self.stride == self.window else "overlapping"
+        return [
+            f"window {self.window}, stride {self.stride} ({kind}), prefix token {prefix}",
+            f"documents {self.documents:,}, predicted tokens {self.tokens:,}, bytes {self.bytes:,}, "
+            f"words {self.words:,}",
+            f"log-likelihood   {self.log_likelihood:.4f}",
+            f"token perplexity {self.token_perplexity:.4f}",
+            f"word perplexity  {self.word_perplexity:.4f}",
+            f"byte perplexity  {self.byte_perplexity:.4f}",
+            f"bits per byte    {self.bits_per_byte:.4f}",
+        ]
+
+
+def count_words(document: str) -> int:
+    """lm-eval's word count: the pieces between runs of whitespace."""
+    return len(re.split(r"\s+", document))
+
+
+def figures(log_likelihood: float, tokens: int, documents: list[str], **settings) -> Perplexity:
+    """The figures of a summed log-likelihood over `documents` that predicted `tokens` tokens."""
+    words = sum(count_words(document) for document in documents)
+    size = sum(len(document.encode("utf-8")) for document in documents)
+    return Perplexity(
+        documents=len(documents), tokens=tokens, bytes=size, words=words, log_likelihood=log_likelihood,
+        token_perplexity=math.exp(-log_likelihood / tokens), word_perplexity=math.exp(-log_likelihood / words),
+        byte_perplexity=math.exp(-log_likelihood / size), bits_per_byte=-log_likelihood / (size * math.log(2)),
+        **settings)
+
+
+def target_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) [N] in fp32 for hidden states [N, H] under the LM head, a chunk of rows at a time so that the
+    [N, vocab] logits never exist at once."""
+    rows = max(1, HEAD_CHUNK_BYTES.get(hidden.device.type, DEFAULT_HEAD_CHUNK_BYTES) // (4 * head.out_features))
+    log_probs = torch.empty(len(targets), device=hidden.device)
+    for start in range(0, len(targets), rows):
+        logits = head(hidden[start:start + rows]).float()
+        chosen = logits.gather(-1, targets[start:start + rows, None])[:, 0]
+        log_probs[start:start + rows] = chosen - torch.logsumexp(logits, dim=-1)
+    return log_probs
+
+
+@torch.inference_mode()
+def document_log_likelihoods(model, sequences: list[list[int]], window: int, stride: int, batch_size: int,
+                             progress: Callable[[int, int], None] | None = None) -> tuple[list[float], list[int]]:
+    """(summed log-likelihood, predicted tokens) of each id sequence, its first id context only, scored in
+    batches of right-padded windows (causal attention: padding after a window's ids never reaches them); the sums
+    add fp32 log-probs in fp64."""
+    device = model.lm_head.weight.device
+    windows = [w for i, ids in enumerate(sequences) for w in rolling_windows(i, len(ids), window, stride)]
+    # Longest first, so that each batch pads little and the first batch shows the peak memory.
+    windows.sort(key=lambda w: w.end - w.begin, reverse=True)
+    sums = torch.zeros(len(sequences), dtype=torch.float64)
+    if progress is not None:
+        progress(0, len(windows))
+    counts = [0] * len(sequences)
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first:first + batch_size]
+        width = batch[0].end - batch[0].begin
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for row, w in enumerate(batch):
+            ids = torch.tensor(sequences[w.document][w.begin:w.end + 1])
+            inputs[row, :w.end - w.begin] = ids[:-1]
+            skip = w.scored_from - w.begin
+            labels[row, skip:w.end - w.begin] = ids[skip + 1:]
+            counts[w.document] += w.end - w.scored_from
+        labels = labels.to(device)
+        scored = labels != IGNORE_INDEX
+        # Only the scored positions go through the head: not the padding, nor an overlapping window's context.
+        log_probs = target_log_probs(model.hidden_states(inputs.to(device))[scored], model.lm_head, labels[scored])
+        rows = torch.tensor([w.document for w in batch], device=device)[:, None].expand_as(labels)[scored]
+        sums.index_add_(0, rows.cpu(), log_probs.double().cpu())
+        if progress is not None:
+            progress(min(first + batch_size, len(windows)), len(windows))
+    return sums.tolist(), counts
+
+
+def prefix_id(folder: Path, tokenizer, prefix: str | None) -> tuple[int | None, str | None]:
+    """(id, token) of the prefix: `prefix` itself ("none": no prefix), else the folder's BOS token
+    (tokenizer_config.json; rafale's exports name the end-of-text token), else the end-of-text token."""
+    import json
+
+    from rafale.models.generate import find_eos
+
+    if prefix == "none":
+        return None, None
+    if prefix is None:
+        config_file = folder / "tokenizer_config.json"
+        settings = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        bos = settings.get("bos_token")
+        prefix = bos.get("content") if isinstance(bos, dict) else bos
+    if prefix is None:
+        eos = find_eos(tokenizer)
+        if eos is None:
+            raise RafaleError(f"{folder}: the tokenizer has no BOS or end-of-text token; name one with --prefix, "
+                              f"or --prefix none")
+        return eos, tokenizer.id_to_token(eos)
+    token_id = tokenizer.token_to_id(prefix)
+    if token_id is None:
+        raise RafaleError(f"--prefix: {prefix!r} is not a token of {folder / 'tokenizer.json'}")
+    return token_id, prefix
+
+
+def read_documents(data: str, column: str, split: str | None) -> tuple[list[str], str]:
+    """(non-empty documents, the split they came from) of a text/jsonl/json/parquet file, a folder of such files,
+    a `save_to_disk` folder, a hub name or a bundled corpus (`synthetic:stories`), read as training reads them
+    (rafale/data/sources.py: a .txt file's documents are separated by blank lines)."""
+    import tempfile
+
+    import datasets
+
+    from rafale.config import DataSettings
+    from rafale.data import sources
+
+    # datasets' progress bars would interleave with the scoring's own progress line.
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="rafale-eval-") as work_dir:
+        try:
+            raw = sources.load_raw(DataSettings(name="eval", dataset_path=data), Path(work_dir))
+        except RafaleError as error:
+            # The sources name the run file's key; here the same path came from the command line.
+            raise RafaleError(str(error).replace(sources.KEY, DATA_KEY)) from None
+        if split is None:
+            split = next((name for name in ("test", "validation", "train") if name in raw), next(iter(raw)))
+        if split not in raw:
+            raise RafaleError(f"--split: {data} has no split {split!r}; splits: {', '.join(raw)}")
+        names = raw[split].column_names
+        if column not in names:
+            raise RafaleError(f"--column: no column {column!r} in {data}; columns: {', '.join(names)}")
+        documents = [text for text in raw[split][column] if isinstance(text, str) and text.strip()]
+    if not documents:
+        raise RafaleError(f"{DATA_KEY}: no documents in {data} (split {split!r}, column {column!r})")
+    return documents, split
+
+
+def progress_line() -> Callable[[int, int], None]:
+    """A progress callback: one line on stderr, rewritten at most twice a second, ended after the last batch; the
+    clock starts at the call for 0 done."""
+    started = shown = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        nonlocal started, shown
+        now = time.monotonic()
+        if done == 0:
+            started = now
+        if 0 < done < total and now - shown < 0.5:
+            return
+        shown = now
+        print(f"\rscoring: {done}/{total} windows, {now - started:.1f} s", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def checked_window(model, window: int | None) -> int:
+    """The window (default: the model's max_position_embeddings), once the model is known to be a causal LM that
+    has positions for it."""
+    from rafale.models.decoder import Decoder
+
+    if not isinstance(model, Decoder):
+        raise RafaleError("eval: perplexity needs a causal LM (a Pythia or Llama folder), not an encoder")
+    positions = model.config.max_position_embeddings
+    if window is not None and window > positions:
+        raise RafaleError(f"--window: {window} is more than the model's max_position_embeddings ({positions})")
+    return window or positions
+
+
+def evaluate_perplexity(model, tokenizer, documents: list[str], prefix: int | None, prefix_token: str | None,
+                        window: int | None = None, stride: int | None = None, batch_size: int = 8,
+                        progress: Callable[[int, int], None] | None = None) -> Perplexity:
+    """The figures of `documents` under a decoder and its tokenizer; `window` defaults to the model's positions."""
+    window = checked_window(model, window)
+    stride = stride or window
+    encoded = tokenizer.encode_batch_fast(documents, add_special_tokens=False)
+    sequences = [([prefix] if prefix is not None else []) + encoding.ids for encoding in encoded]
+    sums, counts = document_log_likelihoods(model, sequences, window, stride, batch_size, progress)
+    tokens = sum(counts)
+    if tokens == 0:
+        raise RafaleError(f"{DATA_KEY}: nothing to predict (every document is one token and there is no prefix)")
+    return figures(sum(sums), tokens, documents, window=window, stride=stride, prefix_token=prefix_token)
+
+
+def evaluate_folder(path: str | Path, data: str, column: str = "text", split: str | None = None,
+                    prefix: str | None = None, window: int | None = None, stride: int | None = None,
+                    batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> tuple[Perplexity, str]:
+    """(figures, split) of `data` under the model of a Hugging Face folder or a run folder (`rafale eval`)."""
+    from rafale.models.generate import load_folder
+
+    if window is not None and window < 1 or stride is not None and stride < 1 or batch_size < 1:
+        raise RafaleError("--window, --stride and --batch-size must be positive")
+    folder, model, tokenizer = load_folder(path)
+    # Every check that needs only the model comes before the documents are read, which may take long.
+    checked_window(model, window)
+    prefix_ids = prefix_id(folder, tokenizer, prefix)
+    documents, split = read_documents(data, column, split)
+    return evaluate_perplexity(model, tokenizer, documents, *prefix_ids, window, stride, batch_size, progress), split
