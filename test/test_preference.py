@@ -316,3 +316,35 @@ def test_a_preference_run_trains_and_reports_before_and_after(tmp_path, pipeline
     assert expected in result.stdout, result.stdout[-2000:]
     assert "held-out exact match of greedy answers:" in result.stdout
     assert os.path.isdir(tmp_path / "runs" / f"run-{pipeline}" / "model")
+
+
+def test_a_killed_dpo_run_resumes_bit_for_bit(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+    from test_sft import QUIET, ROOT
+
+    cache = tmp_path / "cache"
+    run = {"max_duration": "8ba", "save_interval": "4ba", "eval_interval": "8ba"}
+    data = {"eval_examples": 0, "name": "resume"}
+    assert rafale(cache, "-c", str(config_for(tmp_path, "whole", data, run=run))).returncode == 0
+    path = config_for(tmp_path, "resumed", data, run=run)
+    environment = {**os.environ, **QUIET, "RAFALE_CACHE_DIR": str(cache)}
+    killed = subprocess.Popen([sys.executable, "-m", "rafale", "-c", str(path)], cwd=ROOT, env=environment,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "runs" / "resumed" / "checkpoints" / "ep0-ba4-rank0.pt"
+    latest = checkpoint.with_name("latest-rank0.pt")
+    deadline = time.monotonic() + 240
+    while not (checkpoint.exists() and latest.exists() and latest.resolve() == checkpoint):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = rafale(cache, "-c", str(path))
+    assert done.returncode == 0 and "resumed from the latest checkpoint" in done.stdout, done.stderr[-3000:]
+    ours = load_file(tmp_path / "runs" / "resumed" / "model" / "model.safetensors")
+    theirs = load_file(tmp_path / "runs" / "whole" / "model" / "model.safetensors")
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []

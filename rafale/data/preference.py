@@ -12,8 +12,8 @@ Paired feedback (DPO, IPO, SimPO, ORPO, a reward model): a record holds one prom
   two share, whole, are the prompt, up to and including the "\\n\\nAssistant:" that opens the first turn where
   they differ; the rest of each transcript is its response. Used as they are (no template).
 
-Binary feedback (KTO, offline PPO): `{prompt, completion, label}` with `label` true (desirable) or false, the prompt a
-string or chat messages as above.
+Binary feedback (KTO): `{prompt, completion, label}` with `label` true (desirable) or false, the prompt a string or
+chat messages as above (or Alpaca's `instruction` and `input`).
 
 Every problem is one line naming the file and line (or record) and the field.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Any
 
 from rafale.data.formats import FormatError, FormatSettings, _json_type, _string_field, to_segments
 
@@ -51,29 +50,29 @@ def paired_segments(record: dict, where: str, settings: FormatSettings,
         plain = replace(settings, input_format="__input__", output_format="__output__")
         return (to_segments({"input": prompt, "output": chosen}, where, plain, "input_output"),
                 to_segments({"input": prompt, "output": rejected}, where, plain, "input_output"))
-    responses = [_string_field(record, field, where) for field in ("chosen", "rejected")]
-    if kind == "alpaca":
-        base = {"instruction": record.get("instruction"), "input": record.get("input")}
-        return tuple(to_segments({**base, "output": response}, where, settings, "alpaca")  # type: ignore[return-value]
-                     for response in responses)
-    return tuple(prompt_and_response(record["prompt"], response, where, settings)  # type: ignore[return-value]
-                 for response in responses)
+    chosen, rejected = (_string_field(record, field, where) for field in ("chosen", "rejected"))
+    return prompt_and_response(record, chosen, where, settings), prompt_and_response(record, rejected, where, settings)
 
 
 def binary_example(record: dict, where: str, settings: FormatSettings) -> tuple[list[tuple[str, bool]], bool]:
     """(SFT segments of the prompt and its completion, whether the completion is desirable) of a KTO record."""
-    for field in ("prompt", "completion", "label"):
+    for field in ("prompt" if "instruction" not in record else "instruction", "completion", "label"):
         if field not in record:
-            raise FormatError(f"{where}: field {field}: missing (a binary feedback record needs prompt, completion "
-                              f"and label)")
+            raise FormatError(f"{where}: field {field}: missing (a binary feedback record needs prompt (or "
+                              f"instruction), completion and label)")
     label = record["label"]
     if not isinstance(label, bool):
         raise FormatError(f"{where}: field label: must be true or false, got {_json_type(label)}")
-    return prompt_and_response(record["prompt"], _string_field(record, "completion", where), where, settings), label
+    return prompt_and_response(record, _string_field(record, "completion", where), where, settings), label
 
 
-def prompt_and_response(prompt: Any, response: str, where: str, settings: FormatSettings) -> list[tuple[str, bool]]:
-    """A prompt (a string, or chat messages) and a response as SFT segments."""
+def prompt_and_response(record: dict, response: str, where: str, settings: FormatSettings) -> list[tuple[str, bool]]:
+    """A record's prompt (`prompt`, a string or chat messages; or Alpaca's `instruction` and `input`) and a
+    response as SFT segments."""
+    if "prompt" not in record:
+        alpaca = {"instruction": record.get("instruction"), "input": record.get("input"), "output": response}
+        return to_segments(alpaca, where, settings, "alpaca")
+    prompt = record["prompt"]
     if isinstance(prompt, str):
         return to_segments({"input": prompt, "output": response}, where, settings, "input_output")
     if isinstance(prompt, list):

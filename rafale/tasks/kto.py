@@ -62,6 +62,19 @@ class KTO(PairedPreference):
                               f"KL estimate pairs each prompt with another example's completion); got "
                               f"{settings.train_batch_size // world}")
 
+    def _records(self, settings: KTOSettings, work) -> dict[str, Any]:
+        """The bundled preference pairs, each as two binary examples (its right answer desirable, its wrong one
+        not); other sources as they are."""
+        from rafale.tasks.preference import SYNTHETIC_PREFERENCES
+
+        records = super()._records(settings, work)
+        if settings.dataset_path != SYNTHETIC_PREFERENCES:
+            return records
+        return {split: [(f"{where} ({label})", {"instruction": record["instruction"], "input": record["input"],
+                                                   "completion": record[label], "label": label == "chosen"})
+                        for where, record in pairs for label in ("chosen", "rejected")]
+                for split, pairs in records.items()}
+
     def uses_reference(self, settings: KTOSettings) -> bool:
         return True
 
@@ -84,7 +97,7 @@ class KTO(PairedPreference):
         segments, desirable = binary_example(record, where, format_settings)
         following = records[(index + 1) % len(records)]
         completion = json.loads(following["record"])["completion"]
-        mismatched = prompt_and_response(record["prompt"], completion, where, format_settings)
+        mismatched = prompt_and_response(record, completion, where, format_settings)
         sequences = [fitted(parts, tokenizer, eos_id, settings, where, counts) for parts in (segments, mismatched)]
         if any(sequence is None for sequence in sequences):
             counts["dropped"] += 1

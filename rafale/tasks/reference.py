@@ -107,7 +107,8 @@ def cached_log_probs(task: PairedPreference, prepared: PreparedData, model: torc
     log_probs = compute_log_probs(task, model, prepared, batch_size)
     seconds = _now() - started
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.partial-*"):
+    # Whatever an earlier pass left unfinished (no key.json: not trusted) goes.
+    for stale in [folder, *folder.parent.glob(f".{folder.name}.partial-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     partial.mkdir()
