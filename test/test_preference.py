@@ -348,3 +348,33 @@ def test_a_killed_dpo_run_resumes_bit_for_bit(tmp_path):
     ours = load_file(tmp_path / "runs" / "resumed" / "model" / "model.safetensors")
     theirs = load_file(tmp_path / "runs" / "whole" / "model" / "model.safetensors")
     assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+
+
+def test_with_lora_the_live_reference_is_the_policy_with_its_adapters_off():
+    from rafale import transforms
+    from rafale.tasks.preference import PairedPreference
+    from rafale.tasks.reference import adapters_off, live_reference
+
+    torch.manual_seed(0)
+    base = build_model("pythia-tiny", {"vocab_size": 64}).eval()
+    rules = [{"modules": "attention", "kind": "lora"}]
+    policy = transforms.apply(build_model("pythia-tiny", {"vocab_size": 64}), rules, say=lambda _: None).eval()
+    policy.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for module in transforms.adapters(policy).values():
+            module.lora_B.normal_()  # a trained adapter
+    ids = torch.randint(2, 64, (2, 12))
+    assert not torch.allclose(policy(ids), base(ids))
+    with adapters_off(policy):
+        assert torch.equal(policy(ids), base(ids))
+    assert not torch.allclose(policy(ids), base(ids))  # switched back on
+
+    said: list[str] = []
+    task = PairedPreference("preference")
+    reference = live_reference(task, policy, said.append)
+    assert said == ["reference: live, the policy with its LoRA adapters off"]
+    rows = [{"input_ids": [3, 4, 5, 6], "labels": [-100, -100, 5, 6], "rejected_ids": [3, 4, 7],
+             "rejected_labels": [-100, -100, 7]}]
+    batch = PairCollator(1, 16, "rejected")(rows)
+    with torch.no_grad():
+        assert torch.equal(reference(policy, batch), task.sequence_log_probs(base, batch)[0])

@@ -353,7 +353,8 @@ class PairedPreference(SupervisedFineTuning):
         prompts, references = [prompt for prompt, _ in scored[:count]], [reference for _, reference in scored[:count]]
         answers = greedy_answers(model, prepared, prompts, config.run.sample_max_new_tokens or 48)
         right = sum(answer.strip() == reference.strip() for answer, reference in zip(answers, references))
-        return {"exact match": right / count, "scored": count}
+        return {"exact match": right / count, "scored": count,
+                "samples": list(zip(prompts, answers, references))[:settings.sample_count]}
 
     def report(self, model: torch.nn.Module, prepared: PreparedData, config: RunFile,
                eval_metrics: dict[str, float], say: Say) -> None:
@@ -364,6 +365,11 @@ class PairedPreference(SupervisedFineTuning):
             say(f"held-out {self.metric_names.get(name, name)}: {start}{value:.4f} after")
         after = self.held_out_figures(model, prepared, config)
         if after:
+            say("held-out answers:")
+            for prompt, answer, reference in after["samples"]:
+                mark = "right" if answer.strip() == reference.strip() else "wrong"
+                asked = " ".join(prompt.split())[-100:]
+                say(f"  {asked} -> {answer.strip()!r} ({mark}; expected {reference.strip()!r})")
             before = self.before.get("exact match")
             start = f"{before:.4f} before, " if before is not None else ""
             say(f"held-out exact match of greedy answers: {start}{after['exact match']:.4f} after "
