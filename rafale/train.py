@@ -65,9 +65,12 @@ class ConsoleProgress(LoggerDestination):
     """One line every `interval` batches (loss, learning rate, tokens per second) and one per evaluation, which
     it keeps in `eval_metrics`; `metric_names` says how the console names the task's metrics."""
 
-    def __init__(self, interval: int, metric_names: Optional[dict[str, str]] = None, label: Optional[str] = None):
+    def __init__(self, interval: int, metric_names: Optional[dict[str, str]] = None, label: Optional[str] = None,
+                 train_metrics: Optional[Callable[[], dict[str, float]]] = None):
         self.interval = interval
         self.metric_names = metric_names or {}
+        # The task's metrics of each training batch (a preference run's rewards), logged and shown with the loss.
+        self.train_metrics = train_metrics
         # What an evaluation's line is called; unset: "eval at batch N".
         self.label = label
         self.latest: dict[str, float] = {}
@@ -78,6 +81,9 @@ class ConsoleProgress(LoggerDestination):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         batch, total = int(state.timestamp.batch), state.max_duration
+        task_metrics = self.train_metrics() if self.train_metrics is not None else {}
+        if task_metrics:
+            logger.log_metrics({f"metrics/train/{name}": value for name, value in task_metrics.items()})
         if batch % self.interval and batch != 1 and state.get_elapsed_duration() < 1:
             return
         done = state.get_elapsed_duration().value
@@ -90,7 +96,8 @@ class ConsoleProgress(LoggerDestination):
         mfu_text = f"  MFU {100 * mfu:.1f}%" if mfu else ""
         # Composer's total loss is averaged over every rank's share of the batch; state.loss is this rank's alone.
         loss = state.total_loss_dict["loss/train/total"]
-        _say(f"[batch {where}] loss {loss:.4f}  lr {learning_rate:.2e}{speed_text}{mfu_text}")
+        task_text = "".join(f"  {name} {value:.4f}" for name, value in task_metrics.items())
+        _say(f"[batch {where}] loss {loss:.4f}{task_text}  lr {learning_rate:.2e}{speed_text}{mfu_text}")
 
     def eval_end(self, state: State, logger: Logger) -> None:
         # Every rank computes (the metrics sync across ranks); the line and `eval_metrics` are the same on each.
@@ -184,6 +191,15 @@ def build_language_model(config: RunFile, prepared: PreparedData,
     # A head the pretrained folder lacked keeps training when a transform freezes the rest.
     return transforms.apply(model, [rule.as_dict() for rule in config.transforms], keep_trainable=tuple(fresh),
                             say=_say)
+
+
+def starting_model(config: RunFile, prepared: PreparedData) -> torch.nn.Module:
+    """A fresh copy of the model the run starts from (the same seed, weights and transforms as the one it trains),
+    on the run's device: a preference run's reference."""
+    reproducibility.seed_all(config.run.seed)
+    model = build_language_model(config, prepared)
+    device, _ = _device_and_precision(config)
+    return model.to("cuda") if device == "gpu" else model
 
 
 def _decoupled_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -394,6 +410,7 @@ def train_run(config: RunFile) -> Path:
     reproducibility.seed_all(config.run.seed)
     prepared = prepared_data(config)
     _say(format_summary(prepared))
+    config.task.before_training(config, prepared, lambda: starting_model(config, prepared), _say)
     train_loader, eval_loader = build_dataloaders(config.task, prepared, config.data.config, config.run.seed)
     if len(train_loader) == 0:
         raise RafaleError(f"{config.source}: data.config.train_batch_size: larger than the train split")
@@ -410,7 +427,8 @@ def train_run(config: RunFile) -> Path:
     reproducibility.seed_all(config.run.seed)
     model = build_language_model(config, prepared, before_transforms=evaluate_untransformed)
     _say(f"model: {config.model.config}, {model.num_parameters() / 1e6:.2f}M parameters")
-    progress = ConsoleProgress(config.logging.log_interval, config.task.metric_names)
+    progress = ConsoleProgress(config.logging.log_interval, config.task.metric_names,
+                               train_metrics=config.task.train_metrics)
     trainer = Trainer(**trainer_arguments(
         config, model, train_loader, eval_loader, _max_duration(config, len(train_loader)),
         loggers=[progress, *_loggers(config)], callbacks=[], checkpoints=folder / "checkpoints"))
@@ -477,6 +495,7 @@ def debug_run(config: RunFile) -> bool:
     check_model(config)
     reproducibility.seed_all(config.run.seed)
     prepared = prepared_data(config)
+    config.task.before_training(config, prepared, lambda: starting_model(config, prepared), _say)
     train_loader, _ = build_dataloaders(config.task, prepared, config.data.config, config.run.seed)
     world = dist.get_world_size()
     global_rows = min(config.data.config.train_batch_size, len(train_loader.dataset) // world * world)
@@ -493,7 +512,8 @@ def debug_run(config: RunFile) -> bool:
     history = LossHistory(stop_below=DEBUG_TARGET)
     trainer = Trainer(**trainer_arguments(
         config, model, one_batch, one_batch, f"{steps}ba",
-        loggers=[ConsoleProgress(max(1, steps // 10), config.task.metric_names)], callbacks=[history],
+        loggers=[ConsoleProgress(max(1, steps // 10), config.task.metric_names,
+                                 train_metrics=config.task.train_metrics)], callbacks=[history],
         checkpoints=None))
     trainer.fit()
     trainer.close()

@@ -294,3 +294,23 @@ def generate_instructions(n: int, seed: int = 0) -> list[dict[str, str]]:
         if made[kind] == TASKS[kind].distinct:
             open_kinds.remove(kind)
     return records
+
+
+def generate_preferences(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """n preference records {"instruction", "input", "chosen", "rejected", "kind"}: the instruction records of
+    `generate_instructions(n, seed)`, each with its right answer as `chosen` and, as `rejected`, a plausible wrong
+    one: the answer of another record of the same kind (another color, number, word or sentence). A record whose
+    kind has no other answer is left out, so there may be fewer than n. Deterministic, as the instructions are."""
+    records = generate_instructions(n, seed)
+    answers: dict[str, list[str]] = {}
+    for record in records:
+        answers.setdefault(record["kind"], []).append(record["output"])
+    rng = random.Random(seed + 1)
+    preferences = []
+    for record in records:
+        wrong = sorted({answer for answer in answers[record["kind"]] if answer != record["output"]})
+        if not wrong:
+            continue
+        preferences.append({"instruction": record["instruction"], "input": record["input"],
+                            "chosen": record["output"], "rejected": rng.choice(wrong), "kind": record["kind"]})
+    return preferences

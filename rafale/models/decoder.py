@@ -141,11 +141,12 @@ class Decoder(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, document_ids)
         if labels is None:
             return self.lm_head(hidden)
-        if reduction != "none":
-            # The head runs where a label is: not on an SFT prompt, padding or each row's last position.
-            labelled = labels != IGNORE_INDEX
-            hidden, labels = hidden[labelled], labels[labelled]
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels, reduction=reduction)
+        # The head runs where a label is: not on an SFT prompt, padding or each row's last position.
+        labelled = labels != IGNORE_INDEX
+        losses = linear_cross_entropy(hidden[labelled], self.lm_head.weight, labels[labelled], reduction=reduction)
+        if reduction == "none":  # back in place, 0 where no label
+            return losses.new_zeros(labels.shape).masked_scatter(labelled, losses)
+        return losses
 
     def hidden_states(
         self,

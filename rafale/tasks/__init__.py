@@ -7,7 +7,9 @@ add it here; a run file selects it with `data.pipeline: "<name>"`.
 from rafale.tasks.base import Task
 from rafale.tasks.causal_lm import CausalLM
 from rafale.tasks.classification import Classification
+from rafale.tasks.kto import KTO
 from rafale.tasks.mlm import MaskedLM
+from rafale.tasks.preference import PairedPreference
 from rafale.tasks.sft import SupervisedFineTuning
 
 TASKS: dict[str, Task] = {
@@ -15,6 +17,8 @@ TASKS: dict[str, Task] = {
     "mlm": MaskedLM("mlm"),
     "classification": Classification("classification"),
     "sft": SupervisedFineTuning("sft"),
+    "preference": PairedPreference("preference"),
+    "kto": KTO("kto"),
 }
 # The original's pipeline names, kept so its run files still work.
 ALIASES = {"tinystories_neox": "causal_lm", "imdb_bert": "classification"}

@@ -114,6 +114,11 @@ class Task:
     def check_built_model(self, config: RunFile, model: torch.nn.Module) -> None:
         """Checks that need the built model's config (an encoder's position table)."""
 
+    def before_training(self, config: RunFile, prepared: PreparedData, starting_model: Callable[[], torch.nn.Module],
+                        say: Say) -> None:
+        """Work between the data and the Trainer: a preference task's reference log-probs, computed with
+        `starting_model()` (a fresh copy of the model the run starts from) and added to the prepared rows."""
+
     # --- what the ComposerModel computes (tasks/model.py hands Composer's calls here) --------------------------
     def metrics(self, model: torch.nn.Module) -> dict:
         raise NotImplementedError
@@ -131,6 +136,11 @@ class Task:
 
     def update_metric(self, batch: dict, outputs: Any, metric) -> None:
         raise NotImplementedError
+
+    def train_metrics(self) -> dict[str, float]:
+        """Metrics of the last training batch that the console and the loggers show beside the loss (then
+        forgotten); none by default."""
+        return {}
 
     def loss_tokens(self, batch: dict) -> int:
         """How many targets of the batch carry a label: the weight of its mean loss in the whole batch."""
