@@ -118,10 +118,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float, lay
             factor = 1.0 if layer_lr_decay is None else layer_lr_decay ** (n_layers + 1 - layer)
             label = _layer_label(layer, n_layers) if layer_lr_decay is not None else "all"
             groups[key] = {"params": [], "lr": lr * factor, "weight_decay": weight_decay if decays else 0.0,
-                           "name": f"{label}{'' if decays else ' (no decay)'}"}
+                           "name": f"{label}{'' if decays else ', no decay'}"}
             if split_hidden_matrices:
                 groups[key]["use_muon"] = hidden_matrix
-                groups[key]["name"] += " (muon)" if hidden_matrix else " (adamw)"
+                groups[key]["name"] += ", muon" if hidden_matrix else ", adamw"
         groups[key]["params"].append(parameter)
     return [groups[key] for key in sorted(groups)]
 

@@ -61,7 +61,8 @@ class ConsoleProgress(LoggerDestination):
             return
         done = state.get_elapsed_duration().value
         where = f"{batch}/{total.value}" if total.unit.value == "ba" else f"{batch}, {done:.0%}"
-        learning_rate = state.optimizers[0].param_groups[0]["lr"]
+        # run.max_lr as scheduled: the largest group's (layer-wise decay and Muon's companion take less).
+        learning_rate = max(group["lr"] for group in state.optimizers[0].param_groups)
         # SpeedMonitor logs after this destination runs, so this is the window up to the previous batch.
         speed = self.latest.get("throughput/tokens_per_sec")
         speed_text = f"  {speed:,.0f} tok/s" if speed else ""

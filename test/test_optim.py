@@ -136,7 +136,7 @@ def test_layer_lr_decay_scales_each_layer_from_the_head_down(tmp_path, preset, h
     assert len(rate) == len(list(model.parameters()))
     # One line per group, said once when the optimizer is built.
     assert lines[0] == f"optimizer: adamw, {len(groups)} parameter groups" and len(lines) == len(groups) + 1
-    assert lines[1].split()[0] == "embeddings"
+    assert lines[1].split()[0] == "embeddings,"
 
 
 @pytest.fixture(scope="module")
