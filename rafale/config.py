@@ -140,11 +140,13 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _optimizer_fits(self) -> "RunConfig":
         """The optimizer's library is installed and takes optimizer_args; what it needs of the rest of the run."""
-        from rafale.optim import check_optimizer
+        if self.optimizer != "adamw" or self.optimizer_args:
+            # Torch's AdamW with no arguments has nothing to check, and reading its run file imports no optimizer.
+            from rafale.optim import check_optimizer
 
-        problem = check_optimizer(self.optimizer, self.optimizer_args)
-        if problem:
-            raise ValueError(problem)
+            problem = check_optimizer(self.optimizer, self.optimizer_args)
+            if problem:
+                raise ValueError(problem)
         for key in ("betas", "eps"):
             if key in self.model_fields_set and self.optimizer != "adamw":
                 raise ValueError(f"run.{key}: AdamW's; {self.optimizer} takes its own as run.optimizer_args.{key}")
