@@ -179,7 +179,7 @@ def tensors(value, path="") -> dict:
 
 @pytest.mark.parametrize("optimizer", EVERY_OPTIMIZER)
 def test_a_resumed_run_is_bit_exact_for_every_optimizer(tiny_data, optimizer):
-    """4 batches straight through, against 2 batches, a checkpoint, and a new process's resume for the last 2: the
+    """4 batches straight through, against 2 batches, a checkpoint, and a new Trainer's resume for the last 2: the
     same weights and optimizer state, bit for bit. Evaluation (and schedule-free's switch to its averaged weights)
     and the checkpoint both fall at batch 2."""
     folder, prepared = tiny_data
