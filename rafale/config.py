@@ -21,9 +21,11 @@ from rafale.errors import RafaleError
 # A Composer time string: an integer and a unit (batches, epochs, tokens, samples, durations).
 TIME_PATTERN = re.compile(r"^\d+(ba|ep|tok|sp|dur)$")
 SYNTHETIC_PREFIX = "synthetic:"
+FLOAT_PATTERN = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 SCHEDULES = ("cosine-warmup", "linear-warmup", "constant-warmup", "warmup-stable-decay")
-OPTIMIZERS = ("adamw",)
+# rafale.optim.OPTIMIZERS holds where each comes from; named here so that reading a run file imports no optimizer.
+OPTIMIZERS = ("adamw", "schedulefree_adamw", "soap", "muon", "lion", "adopt")
 # The optional loggers: the module each needs, and the extra that installs it.
 LOGGER_EXTRAS = {"use_tensorboard": ("tensorboard", "tensorboard"), "use_wandb": ("wandb", "wandb"),
                  "use_mlflow": ("mlflow", "mlflow")}
@@ -69,10 +71,20 @@ class RunConfig(Section):
     # warmup-stable-decay only: the fraction of the run spent decaying at the end.
     decay_pct: Annotated[float, Field(gt=0, le=1)] = 0.2
     schedule: str = "cosine-warmup"
-    optimizer: str = "AdamW"
+    # adamw, schedulefree_adamw, soap, muon, lion, adopt (all but adamw: pip install "rafale[optim]").
+    optimizer: str = "adamw"
+    # The optimizer's own hyperparameters by their library's names (Lion's betas, Muon's momentum and adamw_lr,
+    # ...); the learning rate and weight decay are max_lr and weight_decay, whatever the optimizer.
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    # AdamW's; other optimizers take theirs in optimizer_args.
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     eps: PositiveFloat = 1e-8
+    # Fine-tuning: each layer's learning rate is max_lr times this factor per layer below the head (the last block
+    # takes one factor, the embeddings the deepest); unset: one learning rate for all.
+    layer_lr_decay: Optional[Annotated[float, Field(gt=0, le=1)]] = None
+    # NEFTune: uniform noise of amplitude alpha / sqrt(length * hidden) on the input embeddings, in training only.
+    neftune_alpha: Annotated[float, Field(ge=0)] = 0.0
     eval_interval: str = "100ba"
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = Field(default=3, ge=-1)
@@ -113,6 +125,35 @@ class RunConfig(Section):
     @classmethod
     def _optimizer(cls, value: str) -> str:
         return _choice(value.lower(), OPTIMIZERS, "optimizer")
+
+    @field_validator("optimizer_args")
+    @classmethod
+    def _optimizer_numbers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # YAML 1.1 reads 1e-3 (no dot) as a string; a number is what an optimizer wants there.
+        def number(item: Any) -> Any:
+            if isinstance(item, list):
+                return [number(part) for part in item]
+            return float(item) if isinstance(item, str) and FLOAT_PATTERN.match(item) else item
+
+        return {key: number(item) for key, item in value.items()}
+
+    @model_validator(mode="after")
+    def _optimizer_fits(self) -> "RunConfig":
+        """The optimizer's library is installed and takes optimizer_args; what it needs of the rest of the run."""
+        if self.optimizer != "adamw" or self.optimizer_args:
+            # Torch's AdamW with no arguments has nothing to check, and reading its run file imports no optimizer.
+            from rafale.optim import check_optimizer
+
+            problem = check_optimizer(self.optimizer, self.optimizer_args)
+            if problem:
+                raise ValueError(problem)
+        for key in ("betas", "eps"):
+            if key in self.model_fields_set and self.optimizer != "adamw":
+                raise ValueError(f"run.{key}: AdamW's; {self.optimizer} takes its own as run.optimizer_args.{key}")
+        if self.optimizer == "schedulefree_adamw" and self.schedule != "constant-warmup":
+            raise ValueError(f"run.schedule: {self.schedule!r}, but schedule-free AdamW keeps the learning rate "
+                             f"constant after its warmup (run.warmup_pct); use 'constant-warmup'")
+        return self
 
 
 class ModelConfig(Section):
@@ -396,8 +437,9 @@ def _format_error(file: Path, error: dict[str, Any], root: type[BaseModel]) -> s
     message = re.sub(r"^Input should be less than (\S+)", r"must be < \1", message)
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], (dict, list)):
         message += f" (got {error['input']!r})"
-    # A check across sections (the whole file's) names its keys itself.
-    return f"{file}: {key}: {message}" if key else f"{file}: {message}"
+    # A check across sections (the whole file's), or across a section's keys, names its keys itself.
+    named = not key or message.startswith((f"{key}.", f"{key}:"))
+    return f"{file}: {message}" if named else f"{file}: {key}: {message}"
 
 
 def _suggestion(loc: tuple, root: type[BaseModel]) -> str:

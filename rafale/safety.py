@@ -33,6 +33,7 @@ from composer.utils import checkpoint, dist
 
 from rafale.config import RunFile
 from rafale.errors import Interrupted, NonFiniteLoss, RafaleError
+from rafale.optim import averaged_weights
 
 # torch's switch that turns every torch.load into a weights_only load, whatever its caller asked for.
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -109,6 +110,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
         return link.resolve() if link.exists() else None
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
+        # A schedule-free optimizer's checkpoint holds the averaged weights it evaluates with (rafale.optim).
+        with averaged_weights(state.optimizers):
+            self._save_checkpoint_atomically(state, logger)
+
+    def _save_checkpoint_atomically(self, state: State, logger: Logger) -> None:
         if state.fsdp_sharded_state_dict_enabled or self.remote_file_name is not None:
             super()._save_checkpoint(state, logger)  # folders of shards, uploads: Composer's own way
             return

@@ -18,12 +18,6 @@ import torch
 from composer import Callback, Trainer
 from composer.core import DataSpec, State
 from composer.loggers import Logger, LoggerDestination
-from composer.optim.scheduler import (
-    ComposerScheduler,
-    ConstantWithWarmupScheduler,
-    CosineAnnealingWithWarmupScheduler,
-    LinearWithWarmupScheduler,
-)
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader, Subset
 
@@ -37,28 +31,13 @@ from rafale.models import PRESETS, bert, build, build_model, load_weights
 from rafale.models.bert import EncoderConfig
 from rafale.models.decoder import DecoderConfig
 from rafale.models.weights import config_from_folder
+from rafale.optim import build_optimizer, build_scheduler, optimizer_callbacks
 from rafale.safety import checkpoint_callbacks
 from rafale.tasks.model import TaskModel
+from rafale.transforms import neftune
 
 # A trained-from-scratch model's vocabulary is the tokenizer's, rounded up so matmuls stay aligned.
 VOCAB_MULTIPLE = 64
-
-
-class WarmupStableDecayScheduler(ComposerScheduler):
-    """Linear warmup, a constant plateau, then a linear decay over the last `decay_pct` of the run."""
-
-    def __init__(self, warmup_pct: float, decay_pct: float, min_lr_ratio: float):
-        self.warmup_pct, self.decay_pct, self.min_lr_ratio = warmup_pct, decay_pct, min_lr_ratio
-
-    def __call__(self, state: State, ssr: float = 1.0) -> float:
-        done = float(state.get_elapsed_duration().value)
-        if done < self.warmup_pct:
-            return done / self.warmup_pct
-        decay_start = 1.0 - self.decay_pct
-        if done < decay_start:
-            return 1.0
-        progress = min(1.0, (done - decay_start) / self.decay_pct)
-        return 1.0 - (1.0 - self.min_lr_ratio) * progress
 
 
 class ConsoleProgress(LoggerDestination):
@@ -88,7 +67,8 @@ class ConsoleProgress(LoggerDestination):
             return
         done = state.get_elapsed_duration().value
         where = f"{batch}/{total.value}" if total.unit.value == "ba" else f"{batch}, {done:.0%}"
-        learning_rate = state.optimizers[0].param_groups[0]["lr"]
+        # run.max_lr as scheduled: the largest group's (layer-wise decay and Muon's companion take less).
+        learning_rate = max(group["lr"] for group in state.optimizers[0].param_groups)
         # SpeedMonitor logs after this destination runs, so this is the window up to the previous batch.
         speed = self.latest.get("throughput/tokens_per_sec")
         speed_text = f"  {speed:,.0f} tok/s" if speed else ""
@@ -189,8 +169,11 @@ def build_language_model(config: RunFile, prepared: PreparedData,
     if before_transforms is not None and config.transforms:
         before_transforms(model)
     # A head the pretrained folder lacked keeps training when a transform freezes the rest.
-    return transforms.apply(model, [rule.as_dict() for rule in config.transforms], keep_trainable=tuple(fresh),
-                            say=_say)
+    model = transforms.apply(model, [rule.as_dict() for rule in config.transforms], keep_trainable=tuple(fresh),
+                             say=_say)
+    if config.run.neftune_alpha:
+        neftune.add_noise(model, config.run.neftune_alpha)
+    return model
 
 
 def starting_model(config: RunFile, prepared: PreparedData) -> torch.nn.Module:
@@ -200,40 +183,6 @@ def starting_model(config: RunFile, prepared: PreparedData) -> torch.nn.Module:
     model = build_language_model(config, prepared)
     device, _ = _device_and_precision(config)
     return model.to("cuda") if device == "gpu" else model
-
-
-def _decoupled_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: never on norms, biases or embeddings (a tied head counts as an embedding)."""
-    exempt = {
-        id(parameter)
-        for module in model.modules()
-        for parameter in module.parameters(recurse=False)
-        if isinstance(module, torch.nn.Embedding) or parameter.ndim < 2
-    }
-    decay, no_decay = [], []
-    for parameter in model.parameters():  # each shared parameter once
-        if parameter.requires_grad:  # frozen parameters (a LoRA run's base) stay out of the optimizer
-            (no_decay if id(parameter) in exempt else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(config: RunFile, model: torch.nn.Module) -> torch.optim.Optimizer:
-    run = config.run
-    groups = _decoupled_param_groups(model, run.weight_decay)
-    return torch.optim.AdamW(groups, lr=run.max_lr, betas=run.betas, eps=run.eps)
-
-
-def build_scheduler(config: RunFile) -> ComposerScheduler:
-    """The schedule, with warmup as a fraction of the whole run ("dur"), whatever unit the duration is in."""
-    run = config.run
-    warmup = f"{run.warmup_pct}dur"
-    if run.schedule == "cosine-warmup":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=run.min_lr_ratio)
-    if run.schedule == "linear-warmup":
-        return LinearWithWarmupScheduler(t_warmup=warmup, alpha_i=1.0, alpha_f=run.min_lr_ratio)
-    if run.schedule == "constant-warmup":
-        return ConstantWithWarmupScheduler(t_warmup=warmup)
-    return WarmupStableDecayScheduler(run.warmup_pct, run.decay_pct, run.min_lr_ratio)
 
 
 def _device_and_precision(config: RunFile) -> tuple[str, str]:
@@ -372,13 +321,15 @@ def trainer_arguments(config: RunFile, model: torch.nn.Module, train_loader: Dat
         train_dataloader=_data_spec(train_loader, task),
         eval_dataloader=_data_spec(eval_loader, task),
         max_duration=duration,
-        optimizers=build_optimizer(config, model),
+        optimizers=build_optimizer(config, model, say=_say),
         schedulers=build_scheduler(config),
         step_schedulers_every_batch=True,
         algorithms=_algorithms(config),
         eval_interval=config.run.eval_interval,
         # Checkpoints: Composer's saver, made atomic, plus safe resumption and clean stops (safety.py).
-        callbacks=[*_callbacks(), *callbacks, *guards],
+        # The optimizer's callbacks before the checkpoint guards: a schedule-free run is back in train mode (y) at
+        # fit_start before anything else looks at its weights.
+        callbacks=[*_callbacks(), *optimizer_callbacks(config), *callbacks, *guards],
         loggers=loggers,
         run_name=config.run.name,
         progress_bar=False,

@@ -115,7 +115,8 @@ RUN_FILE_MISTAKES = [
     ("run:\n  name: x\nmodel:\n  config: pythia-tiny\n", r"data: required key is missing"),
     (PIPELINE, r"data\.pipeline: unknown pipeline 'gpt'; valid: causal_lm, .*"),
     ({"run": {"schedule": "cosine"}}, r"run\.schedule: unknown schedule 'cosine'; valid: cosine-warmup, .*"),
-    ({"run": {"optimizer": "SGD"}}, r"run\.optimizer: unknown optimizer 'sgd'; valid: adamw"),
+    ({"run": {"optimizer": "SGD"}},
+     r"run\.optimizer: unknown optimizer 'sgd'; valid: adamw, schedulefree_adamw, soap, muon, lion, adopt"),
     # Relative to the run file's folder, not to the working directory.
     ({"data": {"dataset_path": "stories.txt"}},
      r"data\.config\.dataset_path: no such file or folder: {folder}/stories\.txt"),

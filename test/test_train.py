@@ -135,7 +135,7 @@ def fake_state(done: float, unit: str, total: int):
 @pytest.mark.parametrize("unit, total", [("ba", 200), ("tok", 1_000_000)])
 def test_warmup_is_a_fraction_of_the_whole_run_in_any_unit(tmp_path, schedule, unit, total):
     from rafale.config import load_run_file
-    from rafale.train import build_scheduler
+    from rafale.optim import build_scheduler
 
     run_file = write_run(tmp_path)
     run_file.write_text(run_file.read_text().replace('max_lr: 3e-3', f'max_lr: 3e-3\n  schedule: "{schedule}"'))
@@ -151,18 +151,3 @@ def test_warmup_is_a_fraction_of_the_whole_run_in_any_unit(tmp_path, schedule, u
     if schedule == "warmup-stable-decay":
         assert multipliers[0.5] == pytest.approx(1.0)  # stable until the last decay_pct (0.2) of the run
 
-
-def test_no_weight_decay_on_norms_biases_and_embeddings():
-    from rafale.models import build_model
-    from rafale.train import _decoupled_param_groups
-
-    model = build_model("pythia-tiny")
-    decayed, plain = _decoupled_param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed_names = {names[id(p)] for p in decayed["params"]}
-    plain_names = {names[id(p)] for p in plain["params"]}
-    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert all(p.ndim == 2 for p in decayed["params"])
-    assert any("embed" in n for n in plain_names) and not any("embed." in n for n in decayed_names)
-    assert any("norm" in n for n in plain_names) and any(n.endswith("bias") for n in plain_names)
-    assert len(decayed_names) + len(plain_names) == len(list(model.parameters()))

@@ -427,7 +427,8 @@ def test_lora_on_a_pretrained_encoder_keeps_its_new_classification_head_training
     from rafale.config import load_run_file
     from rafale.data import prepare_data
     from rafale.models import save_pretrained
-    from rafale.train import build_language_model, build_optimizer
+    from rafale.optim import build_optimizer
+    from rafale.train import build_language_model
 
     monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
     save_pretrained(build_model("bert-test-tiny", {"head": "mlm", "vocab_size": 512}), tmp_path / "mlm")
