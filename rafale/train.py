@@ -435,14 +435,10 @@ def _callbacks() -> list:
     return [SpeedMonitor(window_size=10), LRMonitor()]
 
 
-# DEBUG=1 passes when the loss of its one batch falls to this fraction of the first.
-DEBUG_TARGET = 0.1
-
-
 def debug_run(config: RunFile) -> bool:
     """Overfit one batch (the same batch for eval) with the run's own Trainer arguments, for at most
-    run.debug_steps steps, and say whether the loss fell to 10% of its start and the task's checks of the model
-    (a decoder that sees the future) found nothing."""
+    run.debug_steps steps, and say whether the loss fell to the task's target (10% of its start for most tasks)
+    and the task's checks of the model (a decoder that sees the future) found nothing."""
     check_model(config)
     reproducibility.seed_all(config.run.seed)
     prepared = prepared_data(config)
@@ -460,7 +456,8 @@ def debug_run(config: RunFile) -> bool:
     reproducibility.seed_all(config.run.seed)
     model = build_language_model(config, prepared)
     steps = config.run.debug_steps
-    history = LossHistory(stop_below=DEBUG_TARGET)
+    target = config.task.debug_target
+    history = LossHistory(stop_below=target)
     trainer = Trainer(**trainer_arguments(
         config, model, one_batch, one_batch, f"{steps}ba",
         loggers=[ConsoleProgress(max(1, steps // 10), config.task.metric_names,
@@ -472,12 +469,12 @@ def debug_run(config: RunFile) -> bool:
     device = next(model.parameters()).device
     batch = {name: value.to(device) for name, value in next(iter(one_batch)).items()}
     problems = config.task.debug_checks(model, batch)
-    passed = math.isfinite(last) and last <= DEBUG_TARGET * first and not problems
+    passed = math.isfinite(last) and last <= target * first and not problems
     verdict = "PASS" if passed else "FAIL"
     _say(
         f"DEBUG {verdict}: loss {first:.4f} -> {last:.4f} ({100 * last / first:.1f}% of the first) "
         f"after {len(history.losses)} of at most {steps} steps on one batch of {global_rows}; passing needs "
-        f"<= {100 * DEBUG_TARGET:.0f}%"
+        f"<= {100 * target:.0f}%"
     )
     for problem in problems:
         _say(f"DEBUG FAIL: {problem}")

@@ -32,12 +32,15 @@ data:
 SFT = '    prompt_template: "plain"\n'
 
 
-# The families the shipped run files do not train (they cover Pythia and BERT in every task, at their real shapes).
+# The families the shipped run files do not train (they cover Pythia and BERT in every task, at their real shapes),
+# and the preference tasks, whose shipped run files start from the SFT run's export.
 @pytest.mark.parametrize("preset, pipeline, corpus, length, extra", [
     ("llama-tiny", "causal_lm", "stories", 32, ""),
     ("roberta-test-tiny", "mlm", "stories", 32, ""),
     ("roberta-test-tiny", "classification", "sentiment", 32, ""),
     ("llama-tiny", "sft", "instructions", 96, SFT),
+    ("pythia-tiny", "preference", "preferences", 96, SFT),
+    ("llama-tiny", "kto", "preferences", 96, SFT),
 ])
 def test_debug_passes(tmp_path, preset, pipeline, corpus, length, extra):
     run_file = tmp_path / "debug.yaml"

@@ -48,6 +48,8 @@ class Task:
     required_columns: dict[str, str] = {}
     # How the console names the eval metrics.
     metric_names: dict[str, str] = {}
+    # DEBUG=1 passes when its one batch's loss falls to this fraction of the first.
+    debug_target: float = 0.1
 
     def __init__(self, name: str):
         self.name = name

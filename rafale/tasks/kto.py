@@ -51,6 +51,10 @@ class KTO(PairedPreference):
     second = "mismatched"
     required_columns = {"mismatched_ids": "dataset_path", "mismatched_labels": "dataset_path",
                         "desirable": "dataset_path"}
+    # A desirable completion's reward cannot pass -logp_ref(completion) (its log-prob cannot pass 0), so the loss
+    # has a floor that depends on how likely the reference already finds the desirable completions: a quarter off
+    # the first loss is what a batch can always show.
+    debug_target = 0.75
     metric_names = {"PreferenceLoss": "loss", "ChosenReward": "desirable reward",
                     "RejectedReward": "undesirable reward", "KL": "KL"}
 
