@@ -5,15 +5,15 @@ stream (not per `map` batch or per process), so they are the same whatever `num_
 `build_shard_documents` is, and joined back together they are exactly the stream. The last partial block is
 dropped (`tail: drop`) or kept as a shorter row (`tail: pad`) that the collator pads.
 
-The stream is never held whole: `build_shard_documents` documents at a time are tokenized (by `num_processes`
-processes, a few shards ahead), their ids appended to the tokens left over from the shard before, every full block
-written to an Arrow file, and what is left (less than a block) carried into the next shard. Memory follows that
-setting, not the corpus; datasets then reads the file memory-mapped.
+The stream is never held whole: `build_shard_documents` documents at a time are tokenized (with several
+`num_processes`, datasets' `map` tokenizes them all first into an Arrow file read back memory-mapped, a shard at a
+time), their ids appended to the tokens left over from the shard before, every full block written to an Arrow file,
+and what is left (less than a block) carried into the next shard. Memory follows that setting, not the corpus;
+datasets then reads the file memory-mapped.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -83,7 +83,8 @@ def chunk(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, se
             writer.write_batch(pa.record_batch([array_type.from_arrays(offsets, pa.array(blocks.ravel()))],
                                                schema=schema))
 
-        for ids, count in _tokenized_shards(documents, column, tokenizer, eos_id, settings):
+        for ids, count in _tokenized_shards(documents, column, tokenizer, eos_id, settings,
+                                            blocks_file.with_name(f"{blocks_file.stem}-tokens.arrow")):
             stream = np.concatenate([carry, ids])
             full = len(stream) - len(stream) % length
             if full:
@@ -100,46 +101,22 @@ def chunk(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, se
     return datasets.Dataset.from_file(str(blocks_file)), kept
 
 
-def _tokenized_shards(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int,
-                      settings: DataSettings) -> Iterator[tuple[np.ndarray, int]]:
+def _tokenized_shards(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, settings: DataSettings,
+                      tokens_file: Path) -> Iterator[tuple[np.ndarray, int]]:
     """(the shard's token ids, EOS after each document, as one int32 array; its number of documents), shard after
     shard in the documents' order."""
-    import multiprocessing
+    import numpy as np
 
-    documents = documents.select_columns([column])
-    size, processes = settings.build_shard_documents, settings.num_processes
-    bounds = [(start, min(start + size, len(documents))) for start in range(0, len(documents), size)]
-    if processes == 1:
-        for bound in bounds:
-            yield _shard_ids(documents, column, tokenizer, eos_id, bound)
+    size = settings.build_shard_documents
+    if settings.num_processes == 1:
+        for start in range(0, len(documents), size):
+            texts = documents[start:start + size][column]
+            yield _encode(tokenizer, texts, eos_id).flatten().to_numpy(), len(texts)
         return
-    with multiprocessing.get_context("fork").Pool(processes, initializer=_start_worker,
-                                                  initargs=(documents, column, tokenizer, eos_id)) as pool:
-        # A few shards ahead of the writer, never the whole corpus: each waiting shard is memory.
-        pending: deque = deque()
-        for bound in bounds:
-            pending.append(pool.apply_async(_tokenize_shard, (bound,)))
-            if len(pending) > 2 * processes:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-# What a tokenizing process works on, set once when it starts (a pool's tasks then carry only shard bounds).
-_worker: dict = {}
-
-
-def _start_worker(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int) -> None:
-    _worker.update(documents=documents, column=column, tokenizer=tokenizer, eos_id=eos_id)
-
-
-def _tokenize_shard(bound: tuple[int, int]) -> tuple[np.ndarray, int]:
-    return _shard_ids(bound=bound, **_worker)
-
-
-def _shard_ids(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int,
-               bound: tuple[int, int]) -> tuple[np.ndarray, int]:
-    start, stop = bound
-    ids = _encode(tokenizer, documents[start:stop][column], eos_id)
-    # flatten() honours the array's offsets, so the stream is exactly the documents' ids in order.
-    return ids.flatten().to_numpy(), stop - start
+    # Several processes: datasets' own map tokenizes into Arrow files, read back memory-mapped a shard at a time (a
+    # process pool of rafale's own hung in a forked worker, on a lock the parent's threads held when it forked).
+    tokens = tokenize(documents, column, tokenizer, eos_id, settings.num_processes, tokens_file).data.column(TOKENS)
+    for start in range(0, len(tokens), size):
+        shard = tokens.slice(start, size)
+        # flatten() honours each piece's offsets, so the stream is exactly the documents' ids in order.
+        yield np.concatenate([piece.flatten().to_numpy() for piece in shard.chunks]), len(shard)
