@@ -70,7 +70,8 @@ def test_debug_overfits_one_batch(tmp_path):
 
 def test_debug_fails_when_the_model_cannot_learn(tmp_path):
     run_file = write_run(tmp_path)
-    run_file.write_text(run_file.read_text().replace("max_lr: 3e-3", "max_lr: 1e-9"))
+    # A model that cannot learn fails whatever the budget: 40 steps instead of the default 300 say as much.
+    run_file.write_text(run_file.read_text().replace("max_lr: 3e-3", "max_lr: 1e-9\n  debug_steps: 40"))
     code, output = finish(rafale(run_file, tmp_path / "cache", DEBUG="1"))
     assert code == 1, output
     assert "DEBUG FAIL" in output
