@@ -22,7 +22,7 @@ from rafale.data.progress import BuildProgress
 from rafale.errors import RafaleError
 
 if TYPE_CHECKING:
-    import numpy as np
+    import pyarrow as pa
     from datasets import Dataset
     from tokenizers import Tokenizer
 
@@ -83,14 +83,16 @@ def chunk(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, se
             writer.write_batch(pa.record_batch([array_type.from_arrays(offsets, pa.array(blocks.ravel()))],
                                                schema=schema))
 
-        for ids, count in _tokenized_shards(documents, column, tokenizer, eos_id, settings,
-                                            blocks_file.with_name(f"{blocks_file.stem}-tokens.arrow")):
+        for shard in tokenized_shards(documents, column, tokenizer, eos_id, settings,
+                                      blocks_file.with_name(f"{blocks_file.stem}-tokens.arrow")):
+            # flatten() honours the array's offsets, so the stream is exactly the documents' ids in order.
+            ids = shard.flatten().to_numpy()
             stream = np.concatenate([carry, ids])
             full = len(stream) - len(stream) % length
             if full:
                 write(stream[:full].reshape(-1, length))
             carry, kept = stream[full:], kept + full
-            progress.update(count, len(ids))
+            progress.update(len(shard), len(ids))
         progress.close()
         if settings.tail == "pad" and len(carry):
             write(carry.reshape(1, -1))
@@ -101,22 +103,20 @@ def chunk(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, se
     return datasets.Dataset.from_file(str(blocks_file)), kept
 
 
-def _tokenized_shards(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, settings: DataSettings,
-                      tokens_file: Path) -> Iterator[tuple[np.ndarray, int]]:
-    """(the shard's token ids, EOS after each document, as one int32 array; its number of documents), shard after
-    shard in the documents' order."""
-    import numpy as np
+def tokenized_shards(documents: Dataset, column: str, tokenizer: Tokenizer, eos_id: int, settings: DataSettings,
+                     tokens_file: Path) -> Iterator[pa.ListArray]:
+    """Each shard's documents as token ids with an EOS after each (an Arrow list array, a document a row), shard
+    after shard in the documents' order."""
+    import pyarrow as pa
 
     size = settings.build_shard_documents
     if settings.num_processes == 1:
         for start in range(0, len(documents), size):
-            texts = documents[start:start + size][column]
-            yield _encode(tokenizer, texts, eos_id).flatten().to_numpy(), len(texts)
+            yield _encode(tokenizer, documents[start:start + size][column], eos_id)
         return
     # Several processes: datasets' own map tokenizes into Arrow files, read back memory-mapped a shard at a time (a
     # process pool of rafale's own hung in a forked worker, on a lock the parent's threads held when it forked).
     tokens = tokenize(documents, column, tokenizer, eos_id, settings.num_processes, tokens_file).data.column(TOKENS)
     for start in range(0, len(tokens), size):
         shard = tokens.slice(start, size)
-        # flatten() honours each piece's offsets, so the stream is exactly the documents' ids in order.
-        yield np.concatenate([piece.flatten().to_numpy() for piece in shard.chunks]), len(shard)
+        yield shard.chunks[0] if shard.num_chunks == 1 else pa.concat_arrays(shard.chunks)

@@ -248,14 +248,26 @@ def load_documents(settings: DataSettings, work_dir: Path, extra_columns: dict[s
         # Empty and whitespace-only documents (and missing values) would only add stray EOS tokens.
         dataset = raw[split].select_columns(list(wanted)).filter(
             lambda texts: [bool(text and not text.isspace()) for text in texts],
-            input_columns=[column], batched=True, keep_in_memory=True)
+            input_columns=[column], batched=True, cache_file_name=str(indices_file(work_dir, split, "nonempty")))
         if settings.shuffle_dataset:
-            dataset = dataset.shuffle(seed=settings.split_seed, keep_in_memory=True)
+            dataset = shuffled(dataset, settings, work_dir, split)
         splits[split] = dataset
-    return with_validation(splits, settings, "document")
+    return with_validation(splits, settings, "document", work_dir)
 
 
-def with_validation(splits: dict, settings: DataSettings, what: str) -> DatasetDict:
+def indices_file(work_dir: Path, split: str, step: str) -> Path:
+    """Where a step that picks or reorders rows (filter, shuffle, select) writes its indices: on disk, memory-mapped
+    back, so that they take no memory however many documents there are."""
+    return work_dir / f"{split}-{step}-indices.arrow"
+
+
+def shuffled(dataset, settings: DataSettings, work_dir: Path, split: str):
+    """The rows in the order of `split_seed`, their indices on disk."""
+    return dataset.shuffle(seed=settings.split_seed,
+                           indices_cache_file_name=str(indices_file(work_dir, split, "shuffled")))
+
+
+def with_validation(splits: dict, settings: DataSettings, what: str, work_dir: Path) -> DatasetDict:
     """The splits, with `validation_fraction` of train carved off its end when the source has no validation split
     (the documents were shuffled before, where `shuffle_dataset`)."""
     import datasets
@@ -268,6 +280,9 @@ def with_validation(splits: dict, settings: DataSettings, what: str) -> DatasetD
             raise RafaleError(f"{KEY}: {source} has 1 {what}; a validation split needs at least 2")
         # The end of the (shuffled) documents: at least one of them, and at least one left to train on.
         cut = len(train) - min(math.ceil(settings.validation_fraction * len(train)), len(train) - 1)
-        splits = {**splits, "train": train.select(range(cut), keep_in_memory=True),
-                  "validation": train.select(range(cut, len(train)), keep_in_memory=True)}
+        splits = {**splits,
+                  "train": train.select(range(cut), indices_cache_file_name=str(indices_file(work_dir, "train",
+                                                                                             "kept"))),
+                  "validation": train.select(range(cut, len(train)), indices_cache_file_name=str(
+                      indices_file(work_dir, "train", "carved")))}
     return datasets.DatasetDict(splits)
