@@ -156,7 +156,7 @@ class PairedPreference(SupervisedFineTuning):
             splits[split] = dataset
         if "train" not in splits:
             raise RafaleError(f"data.config.dataset_path: {settings.dataset_path} has no train split")
-        return with_validation(splits, settings, "record", work)
+        return with_validation(splits, settings, "record")
 
     def _records(self, settings: PreferenceSettings, work: Path) -> dict[str, Any]:
         if settings.dataset_path == SYNTHETIC_PREFERENCES:

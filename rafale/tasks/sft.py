@@ -149,7 +149,7 @@ class SupervisedFineTuning(CausalLM):
             splits[split] = dataset
         if "train" not in splits:
             raise RafaleError(f"data.config.dataset_path: {settings.dataset_path} has no train split")
-        return with_validation(splits, settings, "record", work)
+        return with_validation(splits, settings, "record")
 
     def _records(self, settings: SFTSettings, work: Path) -> dict[str, Any]:
         """(where, record) pairs by split, lazily."""
