@@ -52,14 +52,13 @@ PLAIN_MODULES = (Decoder, nn.ModuleList, nn.Embedding, nn.Linear, nn.LayerNorm, 
 
 
 class OneTokenStep:
-    """Decoder.hidden_states for one new token per row after the KV cache, in as few tensor ops as the math takes.
+    """Decoder.hidden_states for one new token per row after the KV cache, in fewer small tensor ops.
 
-    At batch 1 a step is a few dozen matrix-vector products and a hundred-odd small ops, and each small op costs
-    several microseconds to dispatch whatever its size: the blocks' generic [B, T] code (rotary in halves, a mask
-    and positions made per call, grouped heads repeated) doubled a step of the pythia-70m shape. Here the rows are
-    [B, hidden], the rotary angles and the padding mask are made once per step or per generation, rotary is one
-    gather and two products (the same products as blocks.apply_rotary, so the same bits), and grouped-query
-    attention reads each key/value head once.
+    At batch 1 a step is a few dozen matrix-vector products and a couple of hundred small ops, each of which costs
+    microseconds to dispatch whatever its size. Here the rows are [B, hidden]; the rotary angles of every position
+    and the padding mask are made once per generation and looked up per step; rotary is a gather and two products
+    (blocks.apply_rotary's products, so the same bits in float32); grouped-query attention reads each key/value
+    head in place instead of a repeated copy of the cache.
     """
 
     def __init__(self, model: Decoder, cache: list[KVCache], padding: torch.Tensor | None):
@@ -67,26 +66,21 @@ class OneTokenStep:
         self.model, self.cache = model, cache
         c = model.config
         self.heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
+        device = model.lm_head.weight.device
         # SDPA's boolean mask, True = attend: [B, 1, 1, max_len], sliced to the filled length each step.
         self.mask = None if padding is None else padding.bool()[:, None, None, :]
         if model.rotary is not None:
-            # rotate_half as a gather with signs: dims [a | b | rest] -> [-b | a | rest] * sin; unrotated dims get
-            # cos 1 and sin 0, so they pass through exactly.
-            half, device = model.rotary.dim // 2, model.lm_head.weight.device
+            # The angles of every position the generation can reach (positions count real tokens, so they stay
+            # below the cache's length), looked up per step. rotate_half is a gather with signs: dims [a | b | rest]
+            # -> [-b | a | rest] times sin; the unrotated dims get cos 1 and sin 0, so they pass through exactly.
+            max_len, half = cache[0].keys.shape[2], model.rotary.dim // 2
+            cos, sin = (table.view(max_len, -1) for table in model.rotary(torch.arange(max_len)[None].to(device)))
+            sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
+            rest = c.head_dim - 2 * half
+            self.cos = torch.cat([cos, cos.new_ones(max_len, rest)], -1)
+            self.sin = torch.cat([sin * sign, sin.new_zeros(max_len, rest)], -1)
             index = torch.arange(c.head_dim, device=device)
             self.rotate_index = torch.cat([index[half : 2 * half], index[:half], index[2 * half :]])
-            self.rotate_sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
-            self.unrotated = c.head_dim - 2 * half
-
-    def rotation(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position [B, 1] -> (cos, signed sin), each [B, 1, head_dim] in fp32."""
-        cos, sin = self.model.rotary(position)
-        B = position.shape[0]
-        cos, sin = cos.view(B, 1, -1), sin.view(B, 1, -1) * self.rotate_sign
-        if self.unrotated:
-            cos = torch.cat([cos, cos.new_ones(B, 1, self.unrotated)], -1)
-            sin = torch.cat([sin, sin.new_zeros(B, 1, self.unrotated)], -1)
-        return cos, sin
 
     def attention(self, attn: Attention, x, rotation, mask, cache: KVCache) -> torch.Tensor:
         B = x.shape[0]
@@ -97,8 +91,8 @@ class OneTokenStep:
             turned = queries_and_keys.float()
             queries_and_keys = (turned * cos + turned[..., self.rotate_index] * sin).to(x.dtype)
         queries, keys = queries_and_keys.split([self.heads, self.kv_heads], dim=1)
-        keys, values = cache.update(keys[:, :, None], values[:, :, None])
-        y = F.scaled_dot_product_attention(queries[:, :, None], keys, values, attn_mask=mask,
+        keys, values = cache.update(keys.unsqueeze(2), values.unsqueeze(2))
+        y = F.scaled_dot_product_attention(queries.unsqueeze(2), keys, values, attn_mask=mask,
                                            enable_gqa=self.kv_heads != self.heads)
         return F.linear(y.view(B, -1), attn.proj.weight, attn.proj.bias)
 
@@ -117,8 +111,10 @@ class OneTokenStep:
         x = F.embedding(token, model.embed.weight)
         if model.config.positions == "learned":
             x = x + F.embedding(position[:, 0], model.pos_embed.weight)
-        rotation = self.rotation(position) if model.rotary is not None else None
-        mask = self.mask[..., : self.cache[0].length + 1] if self.mask is not None else None
+        rotation = None
+        if model.rotary is not None:
+            rotation = F.embedding(position, self.cos), F.embedding(position, self.sin)
+        mask = self.mask.narrow(3, 0, self.cache[0].length + 1) if self.mask is not None else None
         for block, cache in zip(model.blocks, self.cache):
             attn = self.attention(block.attn, block.norm1(x), rotation, mask, cache)
             if block.parallel:
