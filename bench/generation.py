@@ -3,6 +3,10 @@
     python bench/generation.py                      # three shapes, batch 1 and 8, 32-token prompts, 256 new tokens
     python bench/generation.py --dtype bfloat16     # both contenders decode with 16-bit weights
     python bench/generation.py --shapes pythia70m --batches 1
+    OMP_NUM_THREADS=1 python bench/generation.py --new-tokens 32   # on a machine shared with other work
+
+(On an oversubscribed machine two OpenMP threads make every product wait for a thread that is not scheduled;
+one thread gave figures 2-4x better there.)
 
 For each shape and batch: rafale's greedy decoding and transformers' `generate` on the same random weights (saved
 once, loaded by both), and the memory-bandwidth bound. Decoding one step reads every weight once (the input
