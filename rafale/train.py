@@ -373,7 +373,12 @@ def held_out_figures(config: RunFile, model: torch.nn.Module, prepared: Prepared
     returned for metrics.jsonl. Nothing for a task without text (an encoder's)."""
     from rafale.evaluate.perplexity import evaluate_perplexity
 
-    text = config.task.held_out_text(config, prepared, HELD_OUT_BYTES)
+    try:
+        text = config.task.held_out_text(config, prepared, HELD_OUT_BYTES)
+    except RafaleError as error:
+        # The source read again (moved or offline since its cache was built, say): the run is done all the same.
+        _say(f"held-out text not scored: {error}")
+        return {}
     if text is None or not text.documents:
         return {}
     window = min(config.data.config.max_sequence_length, model.config.max_position_embeddings)

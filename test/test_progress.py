@@ -219,3 +219,25 @@ def test_a_history_is_cut_back_to_the_checkpoint_it_resumes_from(tmp_path):
     before = path.stat().st_mtime_ns
     truncate_history(path, 3)
     assert path.stat().st_mtime_ns == before  # a clean history up to the batch is left as it is
+
+
+def test_sft_scores_its_held_out_answers_given_their_prompts(tmp_path, monkeypatch):
+    from test_sft import merging_tokenizer, run_file, write_jsonl
+
+    from rafale.config import load_run_file
+    from rafale.data import prepare_data
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    records = [{"input": f"the cat {i}", "output": f" sat xab {i}"} for i in range(8)]
+    data = {"dataset_path": str(write_jsonl(tmp_path / "train.jsonl", records)), "format": "input_output",
+            "tokenizer_path": str(merging_tokenizer(tmp_path)), "shuffle_dataset": False, "validation_fraction": 0.5}
+    config = load_run_file(run_file(tmp_path, "answers", data))
+    prepared = prepare_data(config)
+    held_out = config.task.held_out_text(config, prepared, max_bytes=1000)
+    assert held_out.what == "the validation split's answers given their prompts"
+    assert held_out.contexts == [f"the cat {i}" for i in range(4, 8)]
+    assert held_out.documents == [f" sat xab {i}" for i in range(4, 8)]
+    assert held_out.prefix is None
+    # The cap counts prompts and answers; the first record is kept whatever its size.
+    assert len(config.task.held_out_text(config, prepared, max_bytes=40).documents) == 2
+    assert len(config.task.held_out_text(config, prepared, max_bytes=1).documents) == 1

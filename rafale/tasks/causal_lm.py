@@ -169,6 +169,8 @@ class CausalLM(Task):
         from rafale.evaluate.perplexity import leading_documents
 
         settings = config.data.config
+        if settings.is_prepared:  # token ids only: no text to count bytes in
+            return None
         with tempfile.TemporaryDirectory(prefix="rafale-held-out-") as work:
             validation = self.load_documents(settings, Path(work))["validation"]
             documents = leading_documents(validation[settings.text_column], max_bytes)
