@@ -174,6 +174,7 @@ class MetricsFile(LoggerDestination):
         self.metric_names = metric_names or {}
         self._pending: dict[str, float] = {}
         self._file: Optional[TextIO] = None
+        self._written_batch: Optional[int] = None  # the batch of the last line written
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         for name, value in metrics.items():
@@ -192,14 +193,29 @@ class MetricsFile(LoggerDestination):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         self._pending.clear()
+        self._written_batch = resumed if resumed else None
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         # After the batch's evaluation (Composer evaluates between BATCH_END and BATCH_CHECKPOINT), and, loggers
         # running before callbacks, before the batch's checkpoint is saved.
         self._write(state, {"lr": learning_rate(state)})
 
+    def eval_end(self, state: State, logger: Logger) -> None:
+        # Composer also evaluates at FIT_END, after the last batch's line, when eval_interval does not divide the
+        # run: that evaluation joins the last line.
+        if self._file is None or int(state.timestamp.batch) != self._written_batch:
+            return
+        metrics, self._pending = self._pending, {}
+        self._file.close()
+        add_to_last_row(self.path, self._eval_columns(metrics))
+        self._file = open(self.path, "a", encoding="utf-8")
+
     def eval_standalone_end(self, state: State, logger: Logger) -> None:
         self._write(state, {})
+
+    def _eval_columns(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {f"eval/{self.metric_names.get(name[len(EVAL_PREFIX):], name[len(EVAL_PREFIX):])}": value
+                for name, value in metrics.items() if name.startswith(EVAL_PREFIX)}
 
     def _write(self, state: State, extra: dict[str, float]) -> None:
         metrics, self._pending = self._pending, {}
@@ -219,12 +235,10 @@ class MetricsFile(LoggerDestination):
             row["tokens_per_sec"] = metrics[SPEED]
         if metrics.get(MFU):
             row["mfu"] = metrics[MFU]
-        for name, value in metrics.items():
-            if name.startswith(EVAL_PREFIX):
-                short = name[len(EVAL_PREFIX):]
-                row[f"eval/{self.metric_names.get(short, short)}"] = value
+        row.update(self._eval_columns(metrics))
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        self._written_batch = row["batch"]
 
     def close(self, state: State, logger: Logger) -> None:
         if self._file is not None:
