@@ -111,7 +111,7 @@ class ConsoleProgress(LoggerDestination):
         batch, total = int(state.timestamp.batch), state.max_duration
         done = float(state.get_elapsed_duration())
         where = f"{batch}/{total.value}" if total.unit.value == "ba" else f"{batch}, {done:.0%}"
-        # SpeedMonitor logs after this destination runs, so this is the window up to the previous batch.
+        # SpeedMonitor's window up to this batch (Composer runs callbacks before loggers).
         speed = self.latest.get(SPEED)
         speed_text = f"  {speed:,.0f} tok/s" if speed else ""
         mfu = self.latest.get(MFU)
@@ -165,9 +165,10 @@ class MetricsFile(LoggerDestination):
     (once SpeedMonitor's window is full), mfu (where known), and eval/<metric> at the batches that evaluate, named
     as the console names them.
 
-    Each line is written whole and flushed before the batch's checkpoint is saved. When a run resumes, the lines of
-    batches after its checkpoint, written before the kill, are cut off, and so is a last line cut short by the kill,
-    so that the batch column only increases."""
+    Each line is written whole and flushed before the batch's checkpoint is saved, by `writer`, a callback to list
+    before the checkpoint saver (Composer runs the callbacks in order, and the loggers only after them). When a run
+    resumes, the lines of batches after its checkpoint, written before the kill, are cut off, and so is a last line
+    cut short by the kill, so that the batch column only increases."""
 
     def __init__(self, path: Path, metric_names: Optional[dict[str, str]] = None):
         self.path = Path(path)
@@ -175,6 +176,7 @@ class MetricsFile(LoggerDestination):
         self._pending: dict[str, float] = {}
         self._file: Optional[TextIO] = None
         self._written_batch: Optional[int] = None  # the batch of the last line written
+        self.writer = _BatchLineWriter(self)
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         for name, value in metrics.items():
@@ -195,11 +197,6 @@ class MetricsFile(LoggerDestination):
         self._pending.clear()
         self._written_batch = resumed if resumed else None
 
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        # After the batch's evaluation (Composer evaluates between BATCH_END and BATCH_CHECKPOINT), and, loggers
-        # running before callbacks, before the batch's checkpoint is saved.
-        self._write(state, {"lr": learning_rate(state)})
-
     def eval_end(self, state: State, logger: Logger) -> None:
         # Composer also evaluates at FIT_END, after the last batch's line, when eval_interval does not divide the
         # run: that evaluation joins the last line.
@@ -216,6 +213,9 @@ class MetricsFile(LoggerDestination):
     def _eval_columns(self, metrics: dict[str, float]) -> dict[str, float]:
         return {f"eval/{self.metric_names.get(name[len(EVAL_PREFIX):], name[len(EVAL_PREFIX):])}": value
                 for name, value in metrics.items() if name.startswith(EVAL_PREFIX)}
+
+    def write_batch(self, state: State) -> None:
+        self._write(state, {"lr": learning_rate(state)})
 
     def _write(self, state: State, extra: dict[str, float]) -> None:
         metrics, self._pending = self._pending, {}
@@ -244,6 +244,17 @@ class MetricsFile(LoggerDestination):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _BatchLineWriter(Callback):
+    """Writes a MetricsFile's line of each batch at BATCH_CHECKPOINT: after the batch's evaluation (Composer
+    evaluates between BATCH_END and BATCH_CHECKPOINT) and, listed before the checkpoint saver, before its checkpoint."""
+
+    def __init__(self, history: MetricsFile):
+        self.history = history
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self.history.write_batch(state)
 
 
 def _finite_number(value: Any) -> Optional[float]:

@@ -321,7 +321,8 @@ def train_run(config: RunFile) -> Path:
     history = MetricsFile(folder / METRICS_FILE, config.task.metric_names)
     trainer = Trainer(**trainer_arguments(
         config, model, train_loader, eval_loader, _max_duration(config, len(train_loader)),
-        loggers=[progress, history, *_loggers(config)], callbacks=[], checkpoints=folder / "checkpoints"))
+        loggers=[progress, history, *_loggers(config)], callbacks=[history.writer],
+        checkpoints=folder / "checkpoints"))
     resumed_at = int(trainer.state.timestamp.batch)
     at_start: dict[str, float] = {}
     if resumed_at:

@@ -1,8 +1,9 @@
 """A picture of every run: metrics.jsonl across a crash and a resumption, the console's progress line on a terminal
 and in a log, the end-of-run perplexity of the held-out text, metrics.png and `rafale plot`.
 
-One tiny run, in this process: it crashes after its checkpoint at batch 4 (a torn line is then appended, as a kill
-in the middle of a write leaves it) and is run again, resuming; the tests read what the two left behind.
+One tiny run, in this process: it crashes in batch 6, before its checkpoint, with lines up to batch 5 written and
+its latest checkpoint at batch 4 (a torn line is then appended, as a kill in the middle of a write leaves it), and
+is run again, resuming from batch 4; the tests read what the two left behind.
 """
 
 import io
@@ -27,7 +28,7 @@ RUN = {
     # A log's line every 1000 s: within this short run, only the first and the last batch's.
     "logging": {"log_seconds": 1000},
 }
-CRASH_AT = 5
+CRASH_AT = 6
 
 
 class Crash(Exception):
@@ -51,9 +52,8 @@ def run(tmp_path_factory):
     run_file = folder / "run.yaml"
     run_file.write_text(yaml.safe_dump(RUN))
 
-    class CrashAfterLogging(Callback):
-        # Callbacks run after loggers: this batch's line is written, its checkpoint (none at 5) would come after.
-        def batch_checkpoint(self, state, logger):
+    class CrashBeforeTheCheckpoint(Callback):
+        def batch_end(self, state, logger):
             if int(state.timestamp.batch) == CRASH_AT:
                 raise Crash()
 
@@ -63,12 +63,14 @@ def run(tmp_path_factory):
         patch.setenv("RAFALE_CACHE_DIR", str(folder / "cache"))
         patch.setenv("OMP_NUM_THREADS", "1")
         standard = train._callbacks
-        patch.setattr(train, "_callbacks", lambda: [*standard(), CrashAfterLogging()])
+        patch.setattr(train, "_callbacks", lambda: [*standard(), CrashBeforeTheCheckpoint()])
         with redirect_stdout(log), pytest.raises(Crash):
             train.train_run(load_run_file(run_file))
         for number, handler in handlers.items():  # the crashed run never closed its Trainer
             signal.signal(number, handler)
         run_folder = folder / "cache" / "checkpoints" / "pictured"
+        # Batch 5's line was written after the checkpoint at 4: the resumed run must cut it off and write it again.
+        assert [row["batch"] for row in rows_of(run_folder)] == [0, 1, 2, 3, 4, 5]
         with open(run_folder / "metrics.jsonl", "a") as history:
             history.write('{"batch": 6, "train/lo')
         patch.setattr(train, "_callbacks", standard)
