@@ -280,6 +280,8 @@ class SupervisedFineTuning(CausalLM):
         held_out = prepared.splits[split]
         prompts, answers, size = [], [], 0
         for prompt, answer in zip(held_out[PROMPT], held_out[REFERENCE]):
+            if not answer.strip():  # nothing to score
+                continue
             size += len(prompt.encode("utf-8")) + len(answer.encode("utf-8"))
             if answers and size > max_bytes:
                 break
