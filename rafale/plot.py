@@ -20,8 +20,9 @@ INSTALL = 'pip install "rafale[plot]"'
 DEFAULT_PANELS = ("loss", "lr")
 EVAL_LOSSES = ("eval/loss", "eval/cross-entropy")
 X_AXES = {"batch": "batch", "tokens": "tokens", "seconds": "seconds of training"}
-# The training loss is also drawn as a moving average over this many batches, where a run has many more.
-SMOOTHING = 20
+# A training loss of many batches is also drawn as a centred moving average over about 2% of them (at most 51
+# batches), which follows a falling curve without lagging behind it.
+SMOOTHING_FRACTION, MAX_SMOOTHING, MIN_SMOOTHING = 0.02, 51, 5
 
 
 def metrics_path(run: str) -> Path:
@@ -75,14 +76,14 @@ def _series(rows: list[dict], key: str, x_key: str) -> tuple[list[float], list[f
     return [x for x, _ in points], [y for _, y in points]
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    averaged, total = [], 0.0
-    for index, value in enumerate(values):
-        total += value
-        if index >= window:
-            total -= values[index - window]
-        averaged.append(total / min(index + 1, window))
-    return averaged
+def centred_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value's window (an odd number of values centred on it, shorter at the ends)."""
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    half, count = window // 2, len(values)
+    return [(sums[min(count, i + half + 1)] - sums[max(0, i - half)]) / (min(count, i + half + 1) - max(0, i - half))
+            for i in range(count)]
 
 
 def columns(rows: list[dict]) -> list[str]:
@@ -106,10 +107,11 @@ def draw(runs: dict[str, list[dict]], out: Path, panels: tuple[str, ...] = DEFAU
             name = f"{label}: " if len(runs) > 1 else ""
             if panel == "loss":
                 xs, ys = _series(rows, "train/loss", x_key)
-                if len(ys) > 2 * SMOOTHING:
+                window = min(MAX_SMOOTHING, int(SMOOTHING_FRACTION * len(ys)) // 2 * 2 + 1)
+                if window >= MIN_SMOOTHING:
                     axis.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
-                    axis.plot(xs, _moving_average(ys, SMOOTHING), color=colour,
-                              label=f"{name}train loss ({SMOOTHING}-batch mean)")
+                    axis.plot(xs, centred_mean(ys, window), color=colour,
+                              label=f"{name}train loss ({window}-batch mean)")
                 elif ys:
                     axis.plot(xs, ys, color=colour, label=f"{name}train loss")
                 eval_key = next((key for key in EVAL_LOSSES if any(key in row for row in rows)), None)

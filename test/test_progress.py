@@ -246,3 +246,12 @@ def test_sft_scores_its_held_out_answers_given_their_prompts(tmp_path, monkeypat
     # The cap counts prompts and answers; the first record is kept whatever its size.
     assert len(config.task.held_out_text(config, prepared, max_bytes=40).documents) == 2
     assert len(config.task.held_out_text(config, prepared, max_bytes=1).documents) == 1
+
+
+def test_the_curve_of_many_batches_is_smoothed_without_lagging():
+    from rafale.plot import centred_mean
+
+    falling = [100.0 - batch for batch in range(100)]
+    # A straight line is its own centred mean, ends included as far as their windows reach.
+    assert centred_mean(falling, 5)[2:-2] == falling[2:-2]
+    assert centred_mean(falling, 5)[0] == 99.0 and centred_mean([3.0], 51) == [3.0]
