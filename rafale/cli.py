@@ -149,6 +149,23 @@ def evaluate(
         typer.echo("\n".join([f"{path} on {data} (split {used_split})", *result.lines()]))
 
 
+@app.command()
+def plot(
+    runs: List[str] = typer.Argument(..., help="Runs to overlay: run names (under the cache's checkpoints folder), "
+                                     "run folders or metrics.jsonl files."),
+    out: Path = typer.Option(Path("runs.png"), "--out", "-o", help="The PNG to write."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help="A panel: 'loss' (train and eval loss) or a "
+                                     "column of metrics.jsonl (lr, eval/perplexity, tokens_per_sec, ...); repeat "
+                                     "for more. Default: loss and lr."),
+    x: str = typer.Option("batch", "--x", help="The horizontal axis: batch, tokens or seconds."),
+) -> None:
+    """Overlay the curves of runs (their metrics.jsonl) in one picture, to compare experiments."""
+    from rafale.plot import plot_command
+
+    typer.echo(f"curves of {len(runs)} run{'s' if len(runs) > 1 else ''} drawn to "
+               f"{plot_command(runs, out, metric, x)}")
+
+
 def run() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2, never a traceback.
 

@@ -101,6 +101,23 @@ def count_words(document: str) -> int:
     return len(re.split(r"\s+", document))
 
 
+def leading_documents(documents, max_bytes: int) -> list[str]:
+    """The first non-empty documents, whole, while they total at most `max_bytes` of UTF-8; a first document
+    longer than that is cut to it (on a character boundary)."""
+    chosen, size = [], 0
+    for document in documents:
+        if not isinstance(document, str) or not document.strip():
+            continue
+        length = len(document.encode("utf-8"))
+        if size + length > max_bytes:
+            if not chosen:
+                chosen.append(document.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
+            break
+        chosen.append(document)
+        size += length
+    return chosen
+
+
 def figures(log_likelihood: float, tokens: int, documents: list[str], **settings) -> Perplexity:
     """The figures of a summed log-likelihood over `documents` that predicted `tokens` tokens."""
     words = sum(count_words(document) for document in documents)
@@ -126,10 +143,12 @@ def target_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch
 
 @torch.inference_mode()
 def document_log_likelihoods(model, sequences: list[list[int]], window: int, stride: int, batch_size: int,
-                             progress: Callable[[int, int], None] | None = None) -> tuple[list[float], list[int]]:
-    """(summed log-likelihood, predicted tokens) of each id sequence, its first id context only, scored in
-    batches of right-padded windows (causal attention: padding after a window's ids never reaches them); the sums
-    add fp32 log-probs in fp64."""
+                             progress: Callable[[int, int], None] | None = None,
+                             context_lengths: list[int] | None = None) -> tuple[list[float], list[int]]:
+    """(summed log-likelihood, predicted tokens) of each id sequence, its first id context only (its first
+    `context_lengths[i]` ids, where given: a prompt whose answer is scored), scored in batches of right-padded
+    windows (causal attention: padding after a window's ids never reaches them); the sums add fp32 log-probs in
+    fp64."""
     device = model.lm_head.weight.device
     windows = [w for i, ids in enumerate(sequences) for w in rolling_windows(i, len(ids), window, stride)]
     # Longest first, so that each batch pads little and the first batch shows the peak memory.
@@ -146,9 +165,11 @@ def document_log_likelihoods(model, sequences: list[list[int]], window: int, str
         for row, w in enumerate(batch):
             ids = torch.tensor(sequences[w.document][w.begin:w.end + 1])
             inputs[row, :w.end - w.begin] = ids[:-1]
-            skip = w.scored_from - w.begin
+            # Targets before the first one to score (a context's) are predicted by the window but not scored.
+            first_target = context_lengths[w.document] if context_lengths is not None else 1
+            skip = max(w.scored_from, first_target - 1) - w.begin
             labels[row, skip:w.end - w.begin] = ids[skip + 1:]
-            counts[w.document] += w.end - w.scored_from
+            counts[w.document] += max(0, w.end - w.begin - skip)
         labels = labels.to(device)
         scored = labels != IGNORE_INDEX
         # Only the scored positions go through the head: not the padding, nor an overlapping window's context.
@@ -253,13 +274,21 @@ def checked_window(model, window: int | None) -> int:
 
 def evaluate_perplexity(model, tokenizer, documents: list[str], prefix: int | None, prefix_token: str | None,
                         window: int | None = None, stride: int | None = None, batch_size: int = 8,
-                        progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """The figures of `documents` under a decoder and its tokenizer; `window` defaults to the model's positions."""
+                        progress: Callable[[int, int], None] | None = None,
+                        contexts: list[str] | None = None) -> Perplexity:
+    """The figures of `documents` under a decoder and its tokenizer; `window` defaults to the model's positions.
+    With `contexts` (one per document: a prompt), each document is scored after its context, encoded on its own,
+    which is context only: the figures are those of the documents given their contexts."""
     window = checked_window(model, window)
     stride = stride or window
-    encoded = tokenizer.encode_batch_fast(documents, add_special_tokens=False)
-    sequences = [([prefix] if prefix is not None else []) + encoding.ids for encoding in encoded]
-    sums, counts = document_log_likelihoods(model, sequences, window, stride, batch_size, progress)
+    encoded = [encoding.ids for encoding in tokenizer.encode_batch_fast(documents, add_special_tokens=False)]
+    before = [[prefix] if prefix is not None else [] for _ in documents]
+    if contexts is not None:
+        encoded_contexts = tokenizer.encode_batch_fast(contexts, add_special_tokens=False)
+        before = [ids + encoding.ids for ids, encoding in zip(before, encoded_contexts)]
+    sequences = [context + ids for context, ids in zip(before, encoded)]
+    context_lengths = [max(1, len(context)) for context in before]
+    sums, counts = document_log_likelihoods(model, sequences, window, stride, batch_size, progress, context_lengths)
     tokens = sum(counts)
     if tokens == 0:
         raise RafaleError(f"{DATA_KEY}: nothing to predict (every document is one token and there is no prefix)")
