@@ -112,15 +112,20 @@ def figures(log_likelihood: float, tokens: int, documents: list[str], **settings
         **settings)
 
 
-def target_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) [N] in fp32 for hidden states [N, H] under the LM head, a chunk of rows at a time so that the
-    [N, vocab] logits never exist at once."""
+def head_chunks(hidden: torch.Tensor, head: torch.nn.Linear):
+    """(start, end, fp32 logits of rows start:end) of hidden states [N, H] under the LM head, a chunk of rows at a
+    time so that the [N, vocab] logits never exist at once."""
     rows = max(1, HEAD_CHUNK_BYTES.get(hidden.device.type, DEFAULT_HEAD_CHUNK_BYTES) // (4 * head.out_features))
+    for start in range(0, len(hidden), rows):
+        yield start, start + rows, head(hidden[start:start + rows]).float()
+
+
+def target_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) [N] in fp32 for hidden states [N, H] under the LM head."""
     log_probs = torch.empty(len(targets), device=hidden.device)
-    for start in range(0, len(targets), rows):
-        logits = head(hidden[start:start + rows]).float()
-        chosen = logits.gather(-1, targets[start:start + rows, None])[:, 0]
-        log_probs[start:start + rows] = chosen - torch.logsumexp(logits, dim=-1)
+    for start, end, logits in head_chunks(hidden, head):
+        chosen = logits.gather(-1, targets[start:end, None])[:, 0]
+        log_probs[start:end] = chosen - torch.logsumexp(logits, dim=-1)
     return log_probs
 
 
