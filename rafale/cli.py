@@ -113,6 +113,33 @@ def generate(
             typer.echo(f"{result['prompt']}{result['text']}\n")
 
 
+@app.command()
+def sample(
+    path: Path = typer.Argument(..., help="A Hugging Face-format folder with tokenizer.json, or a run's folder."),
+    prompts: Path = typer.Argument(..., help="A text file (one prompt a line) or .jsonl/.json records: {prompt}, "
+                                   "chat {messages}, or SFT's instruction records."),
+    out: Path = typer.Argument(..., help="The .jsonl to write {prompt, output} lines to; lines already there are "
+                               "kept and their samples skipped."),
+    num_samples: int = typer.Option(1, "--num-samples", "-k", min=1, help="Samples per prompt (each line then "
+                                    "has a sample_index); needs --temperature > 0."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy decoding."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
+    top_p: Optional[float] = typer.Option(None, "--top-p", max=1.0),
+    seed: int = typer.Option(0, help="The same seed, prompts and batch size give the same file."),
+    raw: bool = typer.Option(False, "--raw", help="Continue string prompts as plain text even when the model has a "
+                             "chat template."),
+) -> None:
+    """Generate completions for a file of prompts (chat-templated for SFT models) into a jsonl of {prompt, output}:
+    batched, seeded, resumable."""
+    from rafale.sample import sample_file
+
+    written = sample_file(path, prompts, out, num_samples, batch_size, max_new_tokens, temperature, top_k, top_p,
+                          seed, raw)
+    typer.echo(f"{out}: wrote {written} samples" if written else f"{out}: already complete, nothing to do")
+
+
 @app.command("eval")
 def evaluate(
     path: Path = typer.Argument(..., help="A Hugging Face-format Pythia/Llama folder with tokenizer.json, or a run's "

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from reference_checks import exported_story_decoder
+from tokenizers import Tokenizer
 
 pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from rafale.data.synthetic import generate_stories  # noqa: E402
-from rafale.data.tokenizer import hf_tokenizer_config  # noqa: E402
 from rafale.errors import RafaleError  # noqa: E402
 from rafale.evaluate.harness import RafaleLM, results_table  # noqa: E402
-from rafale.models import build_model, save_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "rafale_story_next_word"
@@ -27,32 +26,9 @@ POSITIONS = 256
 TOLERANCE = 1e-5
 
 
-def story_tokenizer(stories: list[str]) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"])
-    tokenizer.train_from_iterator(stories, trainer)
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A random-init Pythia exported as rafale exports (tokenizer_config.json names BOS = end-of-text), with weights
-    drawn wide so that the next-token distributions are sharp and a token scored at the wrong place shows."""
-    tokenizer = story_tokenizer(generate_stories(300, 1))
-    torch.manual_seed(0)
-    model = build_model("pythia-tiny", {"vocab_size": 400, "max_position_embeddings": POSITIONS})
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(std=0.3)
-    eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|padding|>")
-    path = tmp_path_factory.mktemp("harness") / "model"
-    save_pretrained(model, path, tokenizer=tokenizer, tokenizer_config=hf_tokenizer_config(
-        tokenizer, eos, pad, False, POSITIONS), config_extras={"bos_token_id": eos, "eos_token_id": eos,
-                                                               "pad_token_id": pad})
-    return path
+    return exported_story_decoder(tmp_path_factory.mktemp("harness") / "model", POSITIONS)
 
 
 @pytest.fixture(scope="module")

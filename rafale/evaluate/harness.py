@@ -68,7 +68,8 @@ class RafaleLM(TemplateLM):
                 raise RafaleError("--model_args: name the model's folder, e.g. pretrained=runs/NAME/model")
             folder, model, tokenizer = load_folder(pretrained)
             prefix_token_id, _ = prefix_id(folder, tokenizer, prefix)
-        if device is not None:
+        # lm_eval's command line asks for "cuda" by default; like its HF backend, rafale then uses the CPU.
+        if device is not None and not (str(device).startswith("cuda") and not torch.cuda.is_available()):
             model = model.to(device)
         self.model = model.eval()
         self.rafale_tokenizer = tokenizer
