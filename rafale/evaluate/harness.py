@@ -28,7 +28,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from rafale.errors import RafaleError
-from rafale.evaluate.perplexity import checked_window, document_log_likelihoods, head_chunks, prefix_id
+from rafale.evaluate.perplexity import checked_window, document_log_likelihoods, prefix_id, target_log_probs
 from rafale.models.generate import find_eos, generate, load_folder
 
 DEFAULT_BATCH_SIZE = 16
@@ -143,13 +143,9 @@ class RafaleLM(TemplateLM):
                 targets.extend(ids[len(ids) - count:])
             hidden = self.model.hidden_states(inputs.to(self.device))[scored.to(self.device)]
             targets = torch.tensor(targets, device=self.device)
-            log_probs = torch.empty(len(targets), device=self.device)
             greedy = torch.empty(len(targets), dtype=torch.bool, device=self.device)
-            for start, end, logits in head_chunks(hidden, self.model.lm_head):
-                target = targets[start:end]
-                log_probs[start:end] = logits.gather(-1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-                greedy[start:end] = logits.argmax(-1) == target
-            log_probs, greedy = log_probs.double().cpu(), greedy.cpu()
+            log_probs = target_log_probs(hidden, self.model.lm_head, targets, greedy).double().cpu()
+            greedy = greedy.cpu()
             offset = 0
             for index, _, count in batch:
                 results[index] = (float(log_probs[offset:offset + count].sum()),
