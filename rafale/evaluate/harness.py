@@ -62,6 +62,7 @@ class RafaleLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, batch_size=None, max_batch_size=None, device: str | None = None,
                  prefix: str | None = None, add_bos_token=False, max_length=None,
                  max_gen_toks=DEFAULT_MAX_GEN_TOKS, model=None, tokenizer=None, prefix_token_id: int | None = None):
+        # max_batch_size: lm-eval passes it to every model; rafale's batches are always batch_size.
         super().__init__()
         if model is None:
             if pretrained is None:
@@ -155,11 +156,12 @@ class RafaleLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's log-likelihood in disjoint windows of max_length (each token predicted once, the first
-        after the prefix token): lm-eval's windows, scored by `rafale eval`'s code."""
-        documents = [self.rafale_tokenizer.encode(string, add_special_tokens=False).ids
+        after the prefix token; with prefix=none the first token is context only, as in `rafale eval`): lm-eval's
+        windows, scored by `rafale eval`'s code."""
+        start = [self._prefix] if self._prefix is not None else []
+        documents = [start + self.rafale_tokenizer.encode(string, add_special_tokens=False).ids
                      for (string,) in (request.args for request in requests)]
-        sums, _ = document_log_likelihoods(self.model, [[self.prefix_token_id, *ids] for ids in documents],
-                                           self.max_length, self.max_length, self.batch_size)
+        sums, _ = document_log_likelihoods(self.model, documents, self.max_length, self.max_length, self.batch_size)
         return sums
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
