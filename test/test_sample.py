@@ -107,3 +107,21 @@ def test_mistakes_are_one_line_before_any_sampling(plain_folder, tmp_path):
         with pytest.raises(RafaleError, match=message):
             sample_file(plain_folder, **{"out": tmp_path / "out.jsonl", "progress": False, **arguments})
     assert foreign.read_text(encoding="utf-8").count("\n") == 1
+
+
+def test_the_command_writes_then_finds_the_file_complete(plain_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from rafale.cli import app
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    out = tmp_path / "samples.jsonl"
+    command = ["sample", str(plain_folder), str(prompts), str(out), "-n", "4", "-k", "2", "--temperature", "0.7",
+               "--seed", "3", "-b", "3"]
+    first = CliRunner().invoke(app, command)
+    assert first.exit_code == 0, first.output
+    assert f"{out}: wrote 8 samples" in first.output
+    assert [(r["prompt"], r["sample_index"]) for r in lines(out)] == [(p, i) for p in PROMPTS for i in range(2)]
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0 and "already complete" in again.output
