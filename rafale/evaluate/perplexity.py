@@ -30,11 +30,12 @@ from rafale.errors import RafaleError
 from rafale.models.loss import IGNORE_INDEX
 
 DATA_KEY = "--data"
-# Rows per matmul of the LM head, as bytes of their fp32 logits: on a CPU, 128 rows at a 50k vocabulary ran 1.7x as
-# fast as the fused training head (rafale/models/loss.py), which also prepares the gradient that eval never needs.
+# Rows per matmul of the LM head, as bytes of their fp32 logits. On a CPU the logits go into one buffer reused for
+# every chunk and the log-softmax works in place: at pythia-14m's 50k vocabulary, 64 MB (about 330 rows) costs
+# the head's matmul plus 5-10%, where fresh 32 MB chunks and torch.logsumexp's temporaries cost plus 40%
+# (page faults and extra passes over memory; bench/RESULTS.md). Fewer rows make the matmul itself slower.
 HEAD_CHUNK_BYTES = {"cuda": 256 << 20}
-DEFAULT_HEAD_CHUNK_BYTES = 32 << 20
-
+DEFAULT_HEAD_CHUNK_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class Window:
@@ -129,15 +130,42 @@ def figures(log_likelihood: float, tokens: int, documents: list[str], **settings
         **settings)
 
 
-def target_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) [N] in fp32 for hidden states [N, H] under the LM head, a chunk of rows at a time so that the
-    [N, vocab] logits never exist at once."""
-    rows = max(1, HEAD_CHUNK_BYTES.get(hidden.device.type, DEFAULT_HEAD_CHUNK_BYTES) // (4 * head.out_features))
+def head_chunks(hidden: torch.Tensor, head: torch.nn.Module):
+    """(start, end, fp32 logits of rows start:end) of hidden states [N, H] under the LM head, a chunk of rows at a
+    time so that the [N, vocab] logits never exist at once. An fp32 nn.Linear head writes every chunk into the same
+    buffer, which the caller may overwrite (and must not keep); any other head runs its own forward."""
+    vocab = head.weight.shape[0]
+    rows = max(1, HEAD_CHUNK_BYTES.get(hidden.device.type, DEFAULT_HEAD_CHUNK_BYTES) // (4 * vocab))
+    plain = type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype == torch.float32
+    buffer = hidden.new_empty(min(rows, len(hidden)), vocab) if plain else None
+    for start in range(0, len(hidden), rows):
+        chunk = hidden[start:start + rows]
+        if buffer is None:
+            yield start, start + len(chunk), head(chunk).float()
+            continue
+        logits = buffer[:len(chunk)]
+        if head.bias is None:
+            torch.mm(chunk, head.weight.t(), out=logits)
+        else:
+            torch.addmm(head.bias, chunk, head.weight.t(), out=logits)
+        yield start, start + len(chunk), logits
+
+
+def target_log_probs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                     greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(target) [N] in fp32 for hidden states [N, H] under the LM head; `greedy` [N] (bool), when given, is
+    filled with whether each target is the most likely token."""
     log_probs = torch.empty(len(targets), device=hidden.device)
-    for start in range(0, len(targets), rows):
-        logits = head(hidden[start:start + rows]).float()
-        chosen = logits.gather(-1, targets[start:start + rows, None])[:, 0]
-        log_probs[start:start + rows] = chosen - torch.logsumexp(logits, dim=-1)
+    for start, end, logits in head_chunks(hidden, head):
+        target = targets[start:end]
+        chosen = logits.gather(-1, target[:, None])[:, 0]
+        if greedy is None:
+            top = logits.amax(-1)
+        else:
+            top, best = logits.max(-1)
+            greedy[start:end] = best == target
+        # log-softmax in place: the chunk's logits are not needed after this.
+        log_probs[start:end] = chosen - top - logits.sub_(top[:, None]).exp_().sum(-1).log()
     return log_probs
 
 

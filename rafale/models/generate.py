@@ -283,21 +283,33 @@ def model_folder(path: str | Path) -> Path:
     return path / "model" if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file() else path
 
 
-def chat_prompts(folder: str | Path, messages: list[str]) -> list[str]:
-    """Each message as a user turn rendered by the folder's chat template (tokenizer_config.json's, as a
-    fine-tuned export carries it), with the generation prompt: what the model saw before its answers in training."""
+def chat_settings(folder: str | Path):
+    """The folder's chat template and special tokens (tokenizer_config.json's, as a fine-tuned export carries them)
+    as chat FormatSettings, or None when it has no template."""
     import json
 
-    from rafale.data.formats import render_chat
+    from rafale.data.formats import FormatSettings
 
     config_file = model_folder(folder) / "tokenizer_config.json"
     settings = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     template = settings.get("chat_template")
     if not isinstance(template, str):
-        raise RafaleError(f"{config_file}: no chat_template (a model fine-tuned by rafale's sft task carries one); "
-                          f"leave out --chat to continue the prompts as plain text")
-    tokens = {name: settings.get(name) or "" for name in ("eos_token", "bos_token")}
-    return [render_chat([{"role": "user", "content": message}], template, True, **tokens) for message in messages]
+        return None
+    return FormatSettings(format="chat", chat_template=template, eos_token=settings.get("eos_token") or "",
+                         bos_token=settings.get("bos_token") or "")
+
+
+def chat_prompts(folder: str | Path, messages: list[str]) -> list[str]:
+    """Each message as a user turn rendered by the folder's chat template, with the generation prompt: what the
+    model saw before its answers in training."""
+    from rafale.data.formats import render_chat
+
+    settings = chat_settings(folder)
+    if settings is None:
+        raise RafaleError(f"{model_folder(folder) / 'tokenizer_config.json'}: no chat_template (a model fine-tuned by "
+                          f"rafale's sft task carries one); leave out --chat to continue the prompts as plain text")
+    return [render_chat([{"role": "user", "content": message}], settings.chat_template, True, settings.eos_token,
+                        settings.bos_token) for message in messages]
 
 
 def load_folder(path: str | Path, dtype: str | None = None):
