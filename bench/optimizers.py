@@ -61,9 +61,10 @@ def train_one(path: Path, out: Path) -> None:
     from composer import Trainer
     from composer.utils import reproducibility
 
+    from rafale.callbacks import ConsoleProgress, LossHistory
     from rafale.config import load_run_file
     from rafale.data import build_dataloaders
-    from rafale.train import ConsoleProgress, LossHistory, build_language_model, prepared_data, trainer_arguments
+    from rafale.train import build_language_model, prepared_data, trainer_arguments
 
     config = load_run_file(path)
     reproducibility.seed_all(config.run.seed)

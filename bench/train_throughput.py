@@ -108,8 +108,9 @@ def composer_loop(model, masked: bool, loader, config, device_name: str, precisi
     """rafale's Trainer as train_run builds it: its callbacks, clipping, console logger, schedule and optimizer."""
     from composer import Trainer
 
+    from rafale.callbacks import ConsoleProgress
     from rafale.optim import build_optimizer, build_scheduler
-    from rafale.train import ConsoleProgress, _algorithms, _callbacks, _data_spec
+    from rafale.train import _algorithms, _callbacks, _data_spec
 
     wrapped = task_for(model, masked)
     trainer = Trainer(

@@ -282,8 +282,10 @@ class DataConfig(Section, Generic[Settings]):
 class LoggingConfig(Section):
     """`logging:` where metrics go besides the console."""
 
-    # A console progress line every this many batches.
-    log_interval: PositiveInt = 10
+    # A console line that stays every this many batches; unset: on a terminal only the live progress line
+    # (rewritten in place), elsewhere (a log file, CI) a line every log_seconds.
+    log_interval: Optional[PositiveInt] = None
+    log_seconds: PositiveFloat = 10.0
     use_file: bool = False
     use_tensorboard: bool = False
     use_wandb: bool = False

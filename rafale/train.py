@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from composer import Callback, Trainer
-from composer.core import DataSpec, State
-from composer.loggers import Logger, LoggerDestination
+from composer import Trainer
+from composer.core import DataSpec
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader, Subset
 
-from rafale import transforms
+from rafale import plot, transforms
+from rafale.callbacks import METRICS_FILE, ConsoleProgress, LossHistory, MetricsFile, add_to_last_row
 from rafale.config import RunFile, cache_root
 from rafale.data import PreparedData, build_dataloaders, format_summary, prepare_data
 from rafale.data.cache import ready_file
@@ -38,68 +38,6 @@ from rafale.transforms import neftune
 
 # A trained-from-scratch model's vocabulary is the tokenizer's, rounded up so matmuls stay aligned.
 VOCAB_MULTIPLE = 64
-
-
-class ConsoleProgress(LoggerDestination):
-    """One line every `interval` batches (loss, learning rate, tokens per second) and one per evaluation, which
-    it keeps in `eval_metrics`; `metric_names` says how the console names the task's metrics."""
-
-    def __init__(self, interval: int, metric_names: Optional[dict[str, str]] = None, label: Optional[str] = None,
-                 train_metrics: Optional[Callable[[], dict[str, float]]] = None):
-        self.interval = interval
-        self.metric_names = metric_names or {}
-        # The task's metrics of each training batch (a preference run's rewards), logged and shown with the loss.
-        self.train_metrics = train_metrics
-        # What an evaluation's line is called; unset: "eval at batch N".
-        self.label = label
-        self.latest: dict[str, float] = {}
-        self.eval_metrics: dict[str, float] = {}
-
-    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
-        self.latest.update(metrics)
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        batch, total = int(state.timestamp.batch), state.max_duration
-        task_metrics = self.train_metrics() if self.train_metrics is not None else {}
-        if task_metrics:
-            logger.log_metrics({f"metrics/train/{name}": value for name, value in task_metrics.items()})
-        if batch % self.interval and batch != 1 and state.get_elapsed_duration() < 1:
-            return
-        done = state.get_elapsed_duration().value
-        where = f"{batch}/{total.value}" if total.unit.value == "ba" else f"{batch}, {done:.0%}"
-        # run.max_lr as scheduled: the largest group's (layer-wise decay and Muon's companion take less).
-        learning_rate = max(group["lr"] for group in state.optimizers[0].param_groups)
-        # SpeedMonitor logs after this destination runs, so this is the window up to the previous batch.
-        speed = self.latest.get("throughput/tokens_per_sec")
-        speed_text = f"  {speed:,.0f} tok/s" if speed else ""
-        mfu = self.latest.get("throughput/device/mfu")
-        mfu_text = f"  MFU {100 * mfu:.1f}%" if mfu else ""
-        # Composer's total loss is averaged over every rank's share of the batch; state.loss is this rank's alone.
-        loss = state.total_loss_dict["loss/train/total"]
-        task_text = "".join(f"  {name} {value:.4f}" for name, value in task_metrics.items())
-        _say(f"[batch {where}] loss {loss:.4f}{task_text}  lr {learning_rate:.2e}{speed_text}{mfu_text}")
-
-    def eval_end(self, state: State, logger: Logger) -> None:
-        # Every rank computes (the metrics sync across ranks); the line and `eval_metrics` are the same on each.
-        self.eval_metrics = {name: float(metric.compute()) for name, metric in state.eval_metrics["eval"].items()}
-        scores = "  ".join(f"{self.metric_names.get(name, name)} {value:.4f}"
-                           for name, value in self.eval_metrics.items())
-        _say(f"[{self.label or f'eval at batch {int(state.timestamp.batch)}'}] {scores}")
-
-
-class LossHistory(Callback):
-    """Keeps the training loss of every batch; with `stop_below`, ends training once the loss has fallen to that
-    fraction of the first (DEBUG=1's verdict)."""
-
-    def __init__(self, stop_below: Optional[float] = None):
-        self.losses: list[float] = []
-        self.stop_below = stop_below
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        # The whole batch's loss, averaged over every rank's share (state.loss is this rank's alone).
-        self.losses.append(float(state.total_loss_dict["loss/train/total"]))
-        if self.stop_below is not None and self.losses[-1] <= self.stop_below * self.losses[0]:
-            state.stop_training()
 
 
 def run_folder(config: RunFile) -> Path:
@@ -379,10 +317,12 @@ def train_run(config: RunFile) -> Path:
     model = build_language_model(config, prepared, before_transforms=evaluate_untransformed)
     _say(f"model: {config.model.config}, {model.num_parameters() / 1e6:.2f}M parameters")
     progress = ConsoleProgress(config.logging.log_interval, config.task.metric_names,
-                               train_metrics=config.task.train_metrics)
+                               train_metrics=config.task.train_metrics, seconds=config.logging.log_seconds)
+    history = MetricsFile(folder / METRICS_FILE, config.task.metric_names)
     trainer = Trainer(**trainer_arguments(
         config, model, train_loader, eval_loader, _max_duration(config, len(train_loader)),
-        loggers=[progress, *_loggers(config)], callbacks=[], checkpoints=folder / "checkpoints"))
+        loggers=[progress, history, *_loggers(config)], callbacks=[history.writer],
+        checkpoints=folder / "checkpoints"))
     resumed_at = int(trainer.state.timestamp.batch)
     at_start: dict[str, float] = {}
     if resumed_at:
@@ -413,8 +353,45 @@ def train_run(config: RunFile) -> Path:
             _say(f"adapter exported to {adapter} (PEFT format)")
         elif transforms.adapters(whole):
             _say(f"no PEFT adapter exported: {why_not}; the merged model holds everything")
+        figures = held_out_figures(config, whole, prepared)
+        if figures:
+            add_to_last_row(folder / METRICS_FILE, figures)
         config.task.report(whole, prepared, config, progress.eval_metrics, _say)
+        drawn = plot.draw_run(folder, config.run.name)
+        if drawn:
+            _say(drawn)
     return folder
+
+
+# The end of a run scores at most this much held-out text (about 30k tokens at 4 bytes a token: a few seconds for
+# a small model on a CPU).
+HELD_OUT_BYTES = 128 * 1024
+
+
+def held_out_figures(config: RunFile, model: torch.nn.Module, prepared: PreparedData) -> dict[str, float]:
+    """Token perplexity, bits per byte and byte and word perplexity (rafale/evaluate/perplexity.py's definitions)
+    of the task's held-out text, in disjoint windows of the run's sequence length; printed on one line and
+    returned for metrics.jsonl. Nothing for a task without text (an encoder's)."""
+    from rafale.evaluate.perplexity import evaluate_perplexity
+
+    try:
+        text = config.task.held_out_text(config, prepared, HELD_OUT_BYTES)
+    except RafaleError as error:
+        # The source read again (moved or offline since its cache was built, say): the run is done all the same.
+        _say(f"held-out text not scored: {error}")
+        return {}
+    if text is None or not text.documents:
+        return {}
+    window = min(config.data.config.max_sequence_length, model.config.max_position_embeddings)
+    model.eval()
+    prefix_token = prepared.tokenizer.id_to_token(text.prefix) if text.prefix is not None else None
+    result = evaluate_perplexity(model, prepared.tokenizer, text.documents, text.prefix, prefix_token, window,
+                                 batch_size=config.data.config.eval_batch_size, contexts=text.contexts)
+    _say(f"held-out text, {text.what} ({result.documents:,} documents, {result.bytes:,} bytes, {result.tokens:,} "
+         f"tokens; window {window}): token perplexity {result.token_perplexity:.4f}, bits per byte "
+         f"{result.bits_per_byte:.4f}, byte perplexity {result.byte_perplexity:.4f}")
+    return {f"text/{name}": getattr(result, name)
+            for name in ("token_perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")}
 
 
 def evaluate(config: RunFile, model: torch.nn.Module, eval_loader: DataLoader, label: str) -> dict[str, float]:

@@ -35,3 +35,35 @@ def random_hf_decoder(family: str, vocab_size: int, layers: int, max_positions: 
     if family == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **shape))
     return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**shape))
+
+
+def exported_story_decoder(folder, positions: int = 256, chat_template: str | None = None):
+    """A random-init rafale Pythia exported as rafale exports it (tokenizer.json trained on the synthetic stories,
+    tokenizer_config.json naming BOS = EOS = end-of-text, optionally a chat template as an SFT export carries it),
+    with weights drawn wide so that the next-token distributions are sharp and a token scored or sampled at the
+    wrong place shows. Returns the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from rafale.data.synthetic import generate_stories
+    from rafale.data.tokenizer import hf_tokenizer_config
+    from rafale.models import build_model, save_pretrained
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|padding|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer.train_from_iterator(generate_stories(300, 1), trainers.BpeTrainer(vocab_size=400,
+                                                                                 special_tokens=special))
+    torch.manual_seed(0)
+    model = build_model("pythia-tiny", {"vocab_size": 400, "max_position_embeddings": positions})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(std=0.3)
+    eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|padding|>")
+    config = hf_tokenizer_config(tokenizer, eos, pad, False, positions)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    save_pretrained(model, folder, tokenizer=tokenizer, tokenizer_config=config,
+                    config_extras={"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad})
+    return folder

@@ -5,7 +5,7 @@ import torch
 
 from rafale.errors import RafaleError
 from rafale.models import build_model, generate, generate_text, load_pretrained, save_pretrained
-from rafale.models.generate import generate_from_folder
+from rafale.models.generate import generate_from_folder, load_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,3 +133,50 @@ def test_generate_from_a_run_folder(tmp_path):
     save_pretrained(model, tmp_path / "bare")
     with pytest.raises(RafaleError, match="no tokenizer.json"):
         generate_from_folder(tmp_path / "bare", ["the cat"])
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, dtype",
+    [
+        ("pythia-tiny", {}, torch.float32),
+        ("llama-tiny", {"n_kv_heads": 2}, torch.float32),
+        ("llama-tiny", {"n_kv_heads": 2}, torch.bfloat16),
+        ("pythia-tiny", {"positions": "learned"}, torch.float32),
+    ],
+    ids=["pythia-partial-rotary", "llama-gqa", "llama-gqa-bf16", "learned-positions"],
+)
+def test_one_token_step_computes_the_models_forward(preset, overrides, dtype):
+    """Step by step over a left-padded batch, the decoding path gives the hidden states of Decoder.hidden_states."""
+    from rafale.models.generate import OneTokenStep
+
+    torch.manual_seed(2)
+    model = build_model(preset, {"init_std": 0.2, **overrides}).eval().to(dtype)
+    input_ids = prompts(length=6)
+    padding = torch.cat([(torch.arange(6)[None] >= torch.tensor([[0], [2], [5]])).long(), torch.ones(3, 4).long()], 1)
+    positions = (padding.cumsum(-1) - 1).clamp(min=0)
+    caches = [model.new_kv_cache(3, 10) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model.hidden_states(input_ids, padding[:, :6], positions[:, :6], cache)
+        step = OneTokenStep(model, caches[0], padding)
+        tokens = torch.tensor([5, 17, 99])
+        for i in range(6, 10):
+            ours = step(tokens, positions[:, i : i + 1])
+            theirs = model.hidden_states(tokens[:, None], padding[:, : i + 1], positions[:, i : i + 1], caches[1])
+            # Float rounding only (SDPA reads grouped heads in place rather than repeated): bf16 within about an ulp.
+            tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+            torch.testing.assert_close(ours, theirs[:, 0], **tolerance)
+            tokens = (tokens * 7 + i) % 128
+    assert caches[0][0].length == caches[1][0].length == 10
+
+
+def test_decoding_dtype(tmp_path):
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(5)
+    save_pretrained(build_model("pythia-tiny", {"init_std": 0.2}), tmp_path, tokenizer=tokenizer)
+    _, model, _ = load_folder(tmp_path, "float16")
+    assert model.lm_head.weight.dtype == torch.float16
+    fp32 = generate_from_folder(tmp_path, ["the cat", "a dog ran in the"], max_new_tokens=8)
+    assert generate_from_folder(tmp_path, ["the cat", "a dog ran in the"], max_new_tokens=8, dtype="float16") == fp32
+    with pytest.raises(RafaleError, match="dtype: 'int8' is not one of float32, bfloat16, float16"):
+        generate_from_folder(tmp_path, ["the cat"], dtype="int8")

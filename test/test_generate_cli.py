@@ -62,3 +62,16 @@ def test_a_folder_without_a_model_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dtype_reaches_the_decoding(model_folder):
+    from typer.testing import CliRunner
+
+    from rafale.cli import app
+    from rafale.models.generate import generate_from_folder
+
+    result = CliRunner().invoke(app, ["generate", str(model_folder), "-p", "Once upon", "-n", "4", "--json",
+                                      "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    expected = generate_from_folder(model_folder, ["Once upon"], max_new_tokens=4, dtype="bfloat16")
+    assert [json.loads(line) for line in result.output.splitlines()] == expected

@@ -95,6 +95,12 @@ def wait_for(condition, process: subprocess.Popen, what: str) -> None:
         time.sleep(0.001)
 
 
+def history(cache: Path, name: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (cache / "checkpoints" / name / "metrics.jsonl").read_text().splitlines()]
+
+
 def exported_tensors(cache: Path, name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -275,6 +281,11 @@ def test_killed_then_interrupted_run_resumes_bit_for_bit(tmp_path, cache, refere
     assert ours.keys() == theirs.keys()
     different = [name for name in ours if not torch.equal(ours[name], theirs[name])]
     assert not different, different
+
+    # metrics.jsonl reads as one run: each batch once, in order, with the losses of the run that never stopped.
+    ours, theirs = history(cache, "resumed"), history(cache, "reference")
+    assert [row["batch"] for row in ours] == list(range(29))
+    assert [row.get("train/loss") for row in ours] == [row.get("train/loss") for row in theirs]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, cache):

@@ -30,11 +30,12 @@ from rafale.errors import RafaleError
 from rafale.models.loss import IGNORE_INDEX
 
 DATA_KEY = "--data"
-# Rows per matmul of the LM head, as bytes of their fp32 logits: on a CPU, 128 rows at a 50k vocabulary ran 1.7x as
-# fast as the fused training head (rafale/models/loss.py), which also prepares the gradient that eval never needs.
+# Rows per matmul of the LM head, as bytes of their fp32 logits. On a CPU the logits go into one buffer reused for
+# every chunk and the log-softmax works in place: at pythia-14m's 50k vocabulary, 64 MB (about 330 rows) costs
+# the head's matmul plus 5-10%, where fresh 32 MB chunks and torch.logsumexp's temporaries cost plus 40%
+# (page faults and extra passes over memory; bench/RESULTS.md). Fewer rows make the matmul itself slower.
 HEAD_CHUNK_BYTES = {"cuda": 256 << 20}
-DEFAULT_HEAD_CHUNK_BYTES = 32 << 20
-
+DEFAULT_HEAD_CHUNK_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class Window:
@@ -101,6 +102,23 @@ def count_words(document: str) -> int:
     return len(re.split(r"\s+", document))
 
 
+def leading_documents(documents, max_bytes: int) -> list[str]:
+    """The first non-empty documents, whole, while they total at most `max_bytes` of UTF-8; a first document
+    longer than that is cut to it (on a character boundary)."""
+    chosen, size = [], 0
+    for document in documents:
+        if not isinstance(document, str) or not document.strip():
+            continue
+        length = len(document.encode("utf-8"))
+        if size + length > max_bytes:
+            if not chosen:
+                chosen.append(document.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
+            break
+        chosen.append(document)
+        size += length
+    return chosen
+
+
 def figures(log_likelihood: float, tokens: int, documents: list[str], **settings) -> Perplexity:
     """The figures of a summed log-likelihood over `documents` that predicted `tokens` tokens."""
     words = sum(count_words(document) for document in documents)
@@ -112,24 +130,53 @@ def figures(log_likelihood: float, tokens: int, documents: list[str], **settings
         **settings)
 
 
-def target_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) [N] in fp32 for hidden states [N, H] under the LM head, a chunk of rows at a time so that the
-    [N, vocab] logits never exist at once."""
-    rows = max(1, HEAD_CHUNK_BYTES.get(hidden.device.type, DEFAULT_HEAD_CHUNK_BYTES) // (4 * head.out_features))
+def head_chunks(hidden: torch.Tensor, head: torch.nn.Module):
+    """(start, end, fp32 logits of rows start:end) of hidden states [N, H] under the LM head, a chunk of rows at a
+    time so that the [N, vocab] logits never exist at once. An fp32 nn.Linear head writes every chunk into the same
+    buffer, which the caller may overwrite (and must not keep); any other head runs its own forward."""
+    vocab = head.weight.shape[0]
+    rows = max(1, HEAD_CHUNK_BYTES.get(hidden.device.type, DEFAULT_HEAD_CHUNK_BYTES) // (4 * vocab))
+    plain = type(head) is torch.nn.Linear and head.weight.dtype == hidden.dtype == torch.float32
+    buffer = hidden.new_empty(min(rows, len(hidden)), vocab) if plain else None
+    for start in range(0, len(hidden), rows):
+        chunk = hidden[start:start + rows]
+        if buffer is None:
+            yield start, start + len(chunk), head(chunk).float()
+            continue
+        logits = buffer[:len(chunk)]
+        if head.bias is None:
+            torch.mm(chunk, head.weight.t(), out=logits)
+        else:
+            torch.addmm(head.bias, chunk, head.weight.t(), out=logits)
+        yield start, start + len(chunk), logits
+
+
+def target_log_probs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                     greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(target) [N] in fp32 for hidden states [N, H] under the LM head; `greedy` [N] (bool), when given, is
+    filled with whether each target is the most likely token."""
     log_probs = torch.empty(len(targets), device=hidden.device)
-    for start in range(0, len(targets), rows):
-        logits = head(hidden[start:start + rows]).float()
-        chosen = logits.gather(-1, targets[start:start + rows, None])[:, 0]
-        log_probs[start:start + rows] = chosen - torch.logsumexp(logits, dim=-1)
+    for start, end, logits in head_chunks(hidden, head):
+        target = targets[start:end]
+        chosen = logits.gather(-1, target[:, None])[:, 0]
+        if greedy is None:
+            top = logits.amax(-1)
+        else:
+            top, best = logits.max(-1)
+            greedy[start:end] = best == target
+        # log-softmax in place: the chunk's logits are not needed after this.
+        log_probs[start:end] = chosen - top - logits.sub_(top[:, None]).exp_().sum(-1).log()
     return log_probs
 
 
 @torch.inference_mode()
 def document_log_likelihoods(model, sequences: list[list[int]], window: int, stride: int, batch_size: int,
-                             progress: Callable[[int, int], None] | None = None) -> tuple[list[float], list[int]]:
-    """(summed log-likelihood, predicted tokens) of each id sequence, its first id context only, scored in
-    batches of right-padded windows (causal attention: padding after a window's ids never reaches them); the sums
-    add fp32 log-probs in fp64."""
+                             progress: Callable[[int, int], None] | None = None,
+                             context_lengths: list[int] | None = None) -> tuple[list[float], list[int]]:
+    """(summed log-likelihood, predicted tokens) of each id sequence, its first id context only (its first
+    `context_lengths[i]` ids, where given: a prompt whose answer is scored), scored in batches of right-padded
+    windows (causal attention: padding after a window's ids never reaches them); the sums add fp32 log-probs in
+    fp64."""
     device = model.lm_head.weight.device
     windows = [w for i, ids in enumerate(sequences) for w in rolling_windows(i, len(ids), window, stride)]
     # Longest first, so that each batch pads little and the first batch shows the peak memory.
@@ -146,9 +193,11 @@ def document_log_likelihoods(model, sequences: list[list[int]], window: int, str
         for row, w in enumerate(batch):
             ids = torch.tensor(sequences[w.document][w.begin:w.end + 1])
             inputs[row, :w.end - w.begin] = ids[:-1]
-            skip = w.scored_from - w.begin
+            # Targets before the first one to score (a context's) are predicted by the window but not scored.
+            first_target = context_lengths[w.document] if context_lengths is not None else 1
+            skip = max(w.scored_from, first_target - 1) - w.begin
             labels[row, skip:w.end - w.begin] = ids[skip + 1:]
-            counts[w.document] += w.end - w.scored_from
+            counts[w.document] += max(0, w.end - w.begin - skip)
         labels = labels.to(device)
         scored = labels != IGNORE_INDEX
         # Only the scored positions go through the head: not the padding, nor an overlapping window's context.
@@ -253,13 +302,21 @@ def checked_window(model, window: int | None) -> int:
 
 def evaluate_perplexity(model, tokenizer, documents: list[str], prefix: int | None, prefix_token: str | None,
                         window: int | None = None, stride: int | None = None, batch_size: int = 8,
-                        progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """The figures of `documents` under a decoder and its tokenizer; `window` defaults to the model's positions."""
+                        progress: Callable[[int, int], None] | None = None,
+                        contexts: list[str] | None = None) -> Perplexity:
+    """The figures of `documents` under a decoder and its tokenizer; `window` defaults to the model's positions.
+    With `contexts` (one per document: a prompt), each document is scored after its context, encoded on its own,
+    which is context only: the figures are those of the documents given their contexts."""
     window = checked_window(model, window)
     stride = stride or window
-    encoded = tokenizer.encode_batch_fast(documents, add_special_tokens=False)
-    sequences = [([prefix] if prefix is not None else []) + encoding.ids for encoding in encoded]
-    sums, counts = document_log_likelihoods(model, sequences, window, stride, batch_size, progress)
+    encoded = [encoding.ids for encoding in tokenizer.encode_batch_fast(documents, add_special_tokens=False)]
+    before = [[prefix] if prefix is not None else [] for _ in documents]
+    if contexts is not None:
+        encoded_contexts = tokenizer.encode_batch_fast(contexts, add_special_tokens=False)
+        before = [ids + encoding.ids for ids, encoding in zip(before, encoded_contexts)]
+    sequences = [context + ids for context, ids in zip(before, encoded)]
+    context_lengths = [max(1, len(context)) for context in before]
+    sums, counts = document_log_likelihoods(model, sequences, window, stride, batch_size, progress, context_lengths)
     tokens = sum(counts)
     if tokens == 0:
         raise RafaleError(f"{DATA_KEY}: nothing to predict (every document is one token and there is no prefix)")

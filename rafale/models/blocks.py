@@ -95,10 +95,12 @@ class KVCache:
         start, end = self.length, self.length + keys.shape[2]
         if end > self.keys.shape[2]:
             raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, asked to write up to {end}")
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
+        # narrow is one view op where indexing [:, :, a:b] dispatches a slice per dimension: a decoding step
+        # updates every layer's cache, and these small ops add up.
+        self.keys.narrow(2, start, end - start).copy_(keys)
+        self.values.narrow(2, start, end - start).copy_(values)
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
 
 class Attention(nn.Module):

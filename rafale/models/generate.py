@@ -9,11 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from rafale.errors import RafaleError
+from rafale.models.blocks import MLP, Attention, Block, KVCache, RMSNorm, Rotary
+from rafale.models.decoder import Decoder
 from rafale.models.weights import CONFIG_FILE, TOKENIZER_FILE, load_pretrained
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+# Decoding precisions: 16-bit weights halve the bytes a step reads, where the hardware multiplies them fast.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_next(
@@ -37,6 +43,86 @@ def pick_next(
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# The modules OneTokenStep computes as written; a transform's module (LoRA, simulated formats) computes otherwise, and
+# a model that holds one decodes through its own forward pass.
+PLAIN_MODULES = (Decoder, nn.ModuleList, nn.Embedding, nn.Linear, nn.LayerNorm, nn.Dropout, RMSNorm, Rotary, Block,
+                 Attention, MLP)
+
+
+class OneTokenStep:
+    """Decoder.hidden_states for one new token per row after the KV cache, in fewer small tensor ops.
+
+    At batch 1 a step is a few dozen matrix-vector products and a couple of hundred small ops, each of which costs
+    microseconds to dispatch whatever its size. Here the rows are [B, hidden]; the rotary angles of every position
+    and the padding mask are made once per generation and looked up per step; rotary is a gather and two products
+    (blocks.apply_rotary's products, so the same bits in float32); grouped-query attention reads each key/value
+    head in place instead of a repeated copy of the cache.
+    """
+
+    def __init__(self, model: Decoder, cache: list[KVCache], padding: torch.Tensor | None):
+        """padding [B, max_len]: 1 for real tokens over every position the generation reaches, or None."""
+        self.model, self.cache = model, cache
+        c = model.config
+        self.heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
+        device = model.lm_head.weight.device
+        # SDPA's boolean mask, True = attend: [B, 1, 1, max_len], sliced to the filled length each step.
+        self.mask = None if padding is None else padding.bool()[:, None, None, :]
+        if model.rotary is not None:
+            # The angles of every position the generation can reach (positions count real tokens, so they stay
+            # below the cache's length), looked up per step. rotate_half is a gather with signs: dims [a | b | rest]
+            # -> [-b | a | rest] times sin; the unrotated dims get cos 1 and sin 0, so they pass through exactly.
+            max_len, half = cache[0].keys.shape[2], model.rotary.dim // 2
+            cos, sin = (table.view(max_len, -1) for table in model.rotary(torch.arange(max_len)[None].to(device)))
+            sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
+            rest = c.head_dim - 2 * half
+            self.cos = torch.cat([cos, cos.new_ones(max_len, rest)], -1)
+            self.sin = torch.cat([sin * sign, sin.new_zeros(max_len, rest)], -1)
+            index = torch.arange(c.head_dim, device=device)
+            self.rotate_index = torch.cat([index[half : 2 * half], index[:half], index[2 * half :]])
+
+    def attention(self, attn: Attention, x, rotation, mask, cache: KVCache) -> torch.Tensor:
+        B = x.shape[0]
+        heads = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, -1, self.head_dim)
+        queries_and_keys, values = heads.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
+        if rotation is not None:
+            cos, sin = rotation
+            turned = queries_and_keys.float()
+            queries_and_keys = (turned * cos + turned[..., self.rotate_index] * sin).to(x.dtype)
+        queries, keys = queries_and_keys.split([self.heads, self.kv_heads], dim=1)
+        keys, values = cache.update(keys.unsqueeze(2), values.unsqueeze(2))
+        y = F.scaled_dot_product_attention(queries.unsqueeze(2), keys, values, attn_mask=mask,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return F.linear(y.view(B, -1), attn.proj.weight, attn.proj.bias)
+
+    @staticmethod
+    def feed_forward(mlp: MLP, x) -> torch.Tensor:
+        up = F.linear(x, mlp.up.weight, mlp.up.bias)
+        if mlp.kind == "swiglu":
+            up = F.silu(F.linear(x, mlp.gate.weight, mlp.gate.bias)) * up
+        else:
+            up = F.gelu(up)
+        return F.linear(up, mlp.down.weight, mlp.down.bias)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token [B], position [B, 1] -> the final norm's output [B, hidden] for that token."""
+        model = self.model
+        x = F.embedding(token, model.embed.weight)
+        if model.config.positions == "learned":
+            x = x + F.embedding(position[:, 0], model.pos_embed.weight)
+        rotation = None
+        if model.rotary is not None:
+            rotation = F.embedding(position, self.cos), F.embedding(position, self.sin)
+        mask = self.mask.narrow(3, 0, self.cache[0].length + 1) if self.mask is not None else None
+        for block, cache in zip(model.blocks, self.cache):
+            attn = self.attention(block.attn, block.norm1(x), rotation, mask, cache)
+            if block.parallel:
+                x = x + attn + self.feed_forward(block.mlp, block.norm2(x))
+            else:
+                x = x + attn
+                x = x + self.feed_forward(block.mlp, block.norm2(x))
+        return model.norm(x)
 
 
 @torch.inference_mode()
@@ -86,11 +172,16 @@ def generate(
     weight = model.lm_head.weight
     head = weight.t().contiguous() if B == 1 else None
 
-    def last_logits(ids, length, positions=None, kv_cache=None):
-        mask = full_mask[:, :length] if padded else None
-        hidden = model.hidden_states(ids, mask, positions, kv_cache)[:, -1]
+    def head_logits(hidden):
         return hidden @ head if head is not None else (weight @ hidden.t()).t()
 
+    def last_logits(ids, length, positions=None, kv_cache=None):
+        mask = full_mask[:, :length] if padded else None
+        return head_logits(model.hidden_states(ids, mask, positions, kv_cache)[:, -1])
+
+    one_token = None
+    if use_cache and all(type(module) in PLAIN_MODULES for module in model.modules()):
+        one_token = OneTokenStep(model, cache, full_mask if padded else None)
     tokens = input_ids
     logits = last_logits(input_ids, P, positions, cache)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -104,7 +195,10 @@ def generate(
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
             break
         length = P + step + 1
-        if use_cache:
+        if one_token is not None:
+            logits = head_logits(one_token(token, next_position))
+            next_position += 1
+        elif use_cache:
             logits = last_logits(token[:, None], length, next_position, cache)
             next_position += 1
         else:
@@ -189,28 +283,43 @@ def model_folder(path: str | Path) -> Path:
     return path / "model" if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file() else path
 
 
-def chat_prompts(folder: str | Path, messages: list[str]) -> list[str]:
-    """Each message as a user turn rendered by the folder's chat template (tokenizer_config.json's, as a
-    fine-tuned export carries it), with the generation prompt: what the model saw before its answers in training."""
+def chat_settings(folder: str | Path):
+    """The folder's chat template and special tokens (tokenizer_config.json's, as a fine-tuned export carries them)
+    as chat FormatSettings, or None when it has no template."""
     import json
 
-    from rafale.data.formats import render_chat
+    from rafale.data.formats import FormatSettings
 
     config_file = model_folder(folder) / "tokenizer_config.json"
     settings = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     template = settings.get("chat_template")
     if not isinstance(template, str):
-        raise RafaleError(f"{config_file}: no chat_template (a model fine-tuned by rafale's sft task carries one); "
-                          f"leave out --chat to continue the prompts as plain text")
-    tokens = {name: settings.get(name) or "" for name in ("eos_token", "bos_token")}
-    return [render_chat([{"role": "user", "content": message}], template, True, **tokens) for message in messages]
+        return None
+    return FormatSettings(format="chat", chat_template=template, eos_token=settings.get("eos_token") or "",
+                         bos_token=settings.get("bos_token") or "")
 
 
-def load_folder(path: str | Path):
+def chat_prompts(folder: str | Path, messages: list[str]) -> list[str]:
+    """Each message as a user turn rendered by the folder's chat template, with the generation prompt: what the
+    model saw before its answers in training."""
+    from rafale.data.formats import render_chat
+
+    settings = chat_settings(folder)
+    if settings is None:
+        raise RafaleError(f"{model_folder(folder) / 'tokenizer_config.json'}: no chat_template (a model fine-tuned by "
+                          f"rafale's sft task carries one); leave out --chat to continue the prompts as plain text")
+    return [render_chat([{"role": "user", "content": message}], settings.chat_template, True, settings.eos_token,
+                        settings.bos_token) for message in messages]
+
+
+def load_folder(path: str | Path, dtype: str | None = None):
     """(folder, model, tokenizer) of a Hugging Face folder with tokenizer.json, or of a run folder's `model/`: the
-    model in eval mode with any transform rules exported beside it applied again, on the GPU when there is one."""
+    model in eval mode with any transform rules exported beside it applied again, on the GPU when there is one,
+    its weights in `dtype` (a DTYPES name) when given."""
     from tokenizers import Tokenizer
 
+    if dtype is not None and dtype not in DTYPES:
+        raise RafaleError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     folder = model_folder(path)
     if not (folder / TOKENIZER_FILE).is_file():
         raise RafaleError(f"{folder}: no {TOKENIZER_FILE} beside the model (export with a tokenizer to use it on text)")
@@ -229,13 +338,17 @@ def load_folder(path: str | Path):
                           f"vocabulary is {model.config.vocab_size}; this tokenizer does not belong to this model")
     if torch.cuda.is_available():
         model = model.cuda()
+    if dtype is not None:
+        model = model.to(DTYPES[dtype])
     return folder, model, tokenizer
 
 
-def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = False, **options) -> list[dict]:
+def generate_from_folder(path: str | Path, prompts: list[str], chat: bool = False, dtype: str | None = None,
+                         **options) -> list[dict]:
     """generate_text with the model and tokenizer.json of a Hugging Face folder, or of a run folder's `model/`;
-    `chat` renders each prompt as a user turn with the folder's chat template first (`chat_prompts`)."""
-    folder, model, tokenizer = load_folder(path)
+    `chat` renders each prompt as a user turn with the folder's chat template first (`chat_prompts`); `dtype`
+    (float32, bfloat16, float16) is the weights' and the KV cache's precision while decoding."""
+    folder, model, tokenizer = load_folder(path, dtype)
     if chat:
         # Encoded as training encoded the rendered text: the template writes any special tokens itself.
         results = generate_text(model, tokenizer, chat_prompts(folder, prompts), add_special_tokens=False, **options)

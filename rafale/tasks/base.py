@@ -12,7 +12,7 @@ holds the one ComposerModel that hands Composer's calls to a task.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from rafale.config import DataSettings, RunFile
 from rafale.data.tokenizer import BPE, WORDPIECE
@@ -28,6 +28,16 @@ if TYPE_CHECKING:
 # How a task turns prepared documents into rows: (rows per split, per-split counts, what meta.json adds).
 Prepared = tuple[dict[str, "Dataset"], dict[str, dict[str, Optional[int]]], dict[str, Any]]
 Say = Callable[[str], None]
+
+
+class HeldOutText(NamedTuple):
+    """Held-out text whose perplexity the end of a run reports (rafale/evaluate/perplexity.py's figures): the
+    documents, each scored after the `prefix` token or, where given, its context (a prompt), and what they are."""
+
+    what: str
+    documents: list[str]
+    contexts: Optional[list[str]] = None
+    prefix: Optional[int] = None
 
 
 class Task:
@@ -161,6 +171,11 @@ class Task:
     def report(self, model: torch.nn.Module, prepared: PreparedData, config: RunFile,
                eval_metrics: dict[str, float], say: Say) -> None:
         """What the model learned, printed at the end of a run."""
+
+    def held_out_text(self, config: RunFile, prepared: PreparedData, max_bytes: int) -> Optional[HeldOutText]:
+        """Held-out text, at most about `max_bytes` of it, whose token and byte perplexity the end of a run reports;
+        None for a task that does not model text (an encoder's)."""
+        return None
 
     def export_tokenizer_config(self, prepared: PreparedData, config: RunFile) -> dict[str, Any]:
         """What the exported tokenizer_config.json carries besides the special tokens (a chat template)."""

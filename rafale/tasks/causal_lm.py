@@ -15,12 +15,12 @@ it (models/loss.py). Eval: cross-entropy and perplexity. At the end, samples con
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 
 from pydantic import PositiveInt
 
 from rafale.config import RunFile, TextSettings
-from rafale.tasks.base import Prepared, Say, Task
+from rafale.tasks.base import HeldOutText, Prepared, Say, Task
 
 if TYPE_CHECKING:
     import torch
@@ -163,6 +163,22 @@ class CausalLM(Task):
         say("samples:")
         for sample in samples:
             say(f"  {sample['prompt']}{sample['text']}".replace("\n", " "))
+
+    def held_out_text(self, config: RunFile, prepared: PreparedData, max_bytes: int) -> Optional[HeldOutText]:
+        """The validation split's first documents, read again from the source (the prepared blocks cut documents
+        and join them with EOS tokens, which have no bytes): each after the EOS token that precedes every document
+        in training, as `rafale eval` scores them."""
+        import tempfile
+
+        from rafale.evaluate.perplexity import leading_documents
+
+        settings = config.data.config
+        if settings.is_prepared:  # token ids only: no text to count bytes in
+            return None
+        with tempfile.TemporaryDirectory(prefix="rafale-held-out-") as work:
+            validation = self.load_documents(settings, Path(work))["validation"]
+            documents = leading_documents(validation[settings.text_column], max_bytes)
+        return HeldOutText("the validation split's text", documents, prefix=prepared.eos_token_id)
 
 
 def whole_documents(documents: Dataset, tokenizer: Tokenizer, eos_id: int, settings: CausalSettings, split: str,

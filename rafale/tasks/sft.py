@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal, Optional
 
 from pydantic import Field, PositiveInt
 
 from rafale.config import SYNTHETIC_PREFIX, DataSettings, RunFile
 from rafale.data.formats import FormatSettings, check_settings
 from rafale.errors import RafaleError
-from rafale.tasks.base import Prepared, Say
+from rafale.tasks.base import HeldOutText, Prepared, Say
 from rafale.tasks.causal_lm import CausalLM
 
 if TYPE_CHECKING:
@@ -297,6 +297,23 @@ class SupervisedFineTuning(CausalLM):
         if scored:
             right = sum(a.strip() == r.strip() for a, r in zip(answers[:scored], references[:scored]))
             say(f"held-out exact match: {right / scored:.4f} ({right} of {scored} {split} records)")
+
+    def held_out_text(self, config: RunFile, prepared: PreparedData, max_bytes: int) -> Optional[HeldOutText]:
+        """The held-out split's reference answers, each given its prompt as generation sees it (encoded whole)."""
+        split = next((name for name in HELD_OUT_SPLITS if name in prepared.splits), None)
+        if split is None or PROMPT not in prepared.splits[split].column_names:
+            return None
+        held_out = prepared.splits[split]
+        prompts, answers, size = [], [], 0
+        for prompt, answer in zip(held_out[PROMPT], held_out[REFERENCE]):
+            if not answer.strip():  # nothing to score
+                continue
+            size += len(prompt.encode("utf-8")) + len(answer.encode("utf-8"))
+            if answers and size > max_bytes:
+                break
+            prompts.append(prompt)
+            answers.append(answer)
+        return HeldOutText(f"the {split} split's answers given their prompts", answers, contexts=prompts)
 
     def export_tokenizer_config(self, prepared: PreparedData, config: RunFile) -> dict[str, Any]:
         template = prepared.meta.get("chat_template")
