@@ -10,6 +10,11 @@ main process: resident (VmHWM, file-backed pages of memory-mapped Arrow files in
 sampled every 20 ms: what the kernel cannot reclaim without swap). Time is wall time and, less
 noisy on a shared machine, the CPU time of the build and its tokenizing processes. The tokenizing processes each hold
 about one shard (`build_shard_documents`).
+
+Right before each build, the tokenizer alone encodes the first 10 MB of the same corpus in batches of 1,000
+documents (`encode_batch_fast`, its own threads on every core) in this process: each build's rate is also given as
+a share of that tokenizer-only rate, which a shared machine's load moves about as much as the build's. The load
+average at each build's start is printed beside it.
 """
 
 from __future__ import annotations
@@ -59,6 +64,25 @@ def status(pid: int) -> dict[str, int]:
         return {}
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return {name: int(fields[name].split()[0]) * 1024 for name in ("VmHWM", "RssAnon") if name in fields}
+
+
+def tokenizer_rate(tokenizer_file: Path, corpus: Path, megabytes: int = 10) -> float:
+    """Tokens per second of the tokenizer alone on the first `megabytes` of the corpus's documents."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    texts, size = [], 0
+    with corpus.open() as lines:
+        for line in lines:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= megabytes * 1_000_000:
+                break
+    start, tokens = time.perf_counter(), 0
+    for first in range(0, len(texts), 1000):
+        tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(texts[first:first + 1000],
+                                                                      add_special_tokens=False))
+    return tokens / (time.perf_counter() - start)
 
 
 def build(code: Path, run_file: Path, cache: Path) -> dict[str, float]:
@@ -117,12 +141,17 @@ def main() -> None:
                 if name == "baseline" and megabytes != min(args.sizes_mb):
                     continue
                 cache = work / f"cache-{name}-{megabytes}"
+                load = os.getloadavg()[0]
+                alone = tokenizer_rate(args.tokenizer, corpus)
                 result = build(code, run_file, cache)
+                result.update(tokenizer_tok_s=alone, share_of_tokenizer=result["tok_s"] / alone, load_average=load)
                 prefix = f"{'baseline_' if name == 'baseline' else ''}{megabytes}mb"
                 figures.update({f"{prefix}_{key}": value for key, value in result.items()})
                 rows.append((f"{name}, {megabytes} MB of text: {result['tokens']:,} tokens",
                              f"{result['seconds']:.1f} s, {result['tok_s'] / 1e6:.2f}M tok/s "
-                             f"({result['tok_per_cpu_s'] / 1e6:.2f}M per CPU second), peak resident "
+                             f"({result['tok_per_cpu_s'] / 1e6:.2f}M per CPU second; "
+                             f"{100 * result['share_of_tokenizer']:.0f}% of the tokenizer alone, "
+                             f"{alone / 1e6:.2f}M tok/s; load {load:.1f}), peak resident "
                              f"{result['resident_gb']:.2f} GB, anonymous {result['anonymous_gb']:.2f} GB"))
                 print("  ".join(rows[-1]), flush=True)  # the table comes at the end; each build as it ends
                 if name == "this checkout" and megabytes == args.sizes_mb[-1]:

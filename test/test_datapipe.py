@@ -102,7 +102,7 @@ def test_cache_is_reused_without_tokenizing(monkeypatch):
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr("rafale.data.chunking.tokenize", no_tokenizing)
+    monkeypatch.setattr("rafale.data.chunking.tokenized_shards", no_tokenizing)
     monkeypatch.setattr("rafale.data.chunking.chunk", no_tokenizing)
     # Batch sizes, process counts and shuffling of training blocks do not change the tokens.
     for change in ({}, {"train_batch_size": 3, "eval_batch_size": 5, "num_processes": 2, "shuffle_train": False}):

@@ -13,6 +13,8 @@ from datasets import Dataset
 from rafale.config import RunFile
 from rafale.data import prepare_data, progress
 from rafale.data.chunking import chunk
+from rafale.data.instructions import generate_instructions
+from rafale.data.packing import packed_rows
 from rafale.data.progress import BuildProgress
 from rafale.data.synthetic import generate_stories
 from rafale.data.tokenizer import BPE, train_tokenizer
@@ -142,3 +144,101 @@ def test_a_rebuild_writes_the_same_bytes(tmp_path, monkeypatch):
 
     first = arrow_files("first")
     assert first and first == arrow_files("again") == arrow_files("sharded", build_shard_documents=3, num_processes=2)
+
+
+def reference_documents(data, documents: list[str], length: int) -> list[list[int]]:
+    """Each document's ids and EOS, cut to a row: what the one-shot build packs."""
+    return [(data.tokenizer.encode(document, add_special_tokens=False).ids + [data.eos_token_id])[:length]
+            for document in documents]
+
+
+# Stories of 235 to 333 tokens: rows of 520 hold one or two; in rows of 290, about half the stories are cut.
+@pytest.mark.parametrize("packing, length", [("documents", 520), ("none", 290)])
+def test_whole_document_rows_built_shard_by_shard_are_the_one_shot_rows(tmp_path, packing, length):
+    source = corpus(tmp_path)
+    builds = [prepared(source, packing=packing, max_sequence_length=length, build_shard_documents=shard,
+                       num_processes=processes, name=f"whole{shard}") for shard, processes in [(4096, 1), (4, 2)]]
+    one_shot, sharded = builds
+    assert not sharded.reused and sharded.path != one_shot.path
+    for split, documents in (("train", STORIES[:54]), ("validation", STORIES[54:])):
+        expected = reference_documents(one_shot, documents, length)
+        if packing == "documents":
+            rows = packed_rows(expected, length)
+            expected = rows["input_ids"]
+            assert sharded.splits[split]["document_ids"][:] == one_shot.splits[split]["document_ids"][:] \
+                == rows["document_ids"]
+        assert sharded.splits[split]["input_ids"][:] == one_shot.splits[split]["input_ids"][:] == expected
+        assert sharded.summary[split] == one_shot.summary[split]
+    if packing == "documents":
+        assert one_shot.summary["train"]["blocks"] < 54
+    else:
+        assert 0 < one_shot.summary["train"]["longer than a row"] < 54
+
+
+def test_best_fit_decreasing_packs_window_by_window(tmp_path):
+    source = corpus(tmp_path)
+    whole = prepared(source, packing="documents", max_sequence_length=520)
+    windowed = prepared(source, packing="documents", max_sequence_length=520, packing_window_documents=10,
+                        build_shard_documents=3)
+    # The window shapes the rows: its own cache folder.
+    assert windowed.path != whole.path
+    documents = reference_documents(whole, STORIES[:54], 520)
+    expected = [row for start in range(0, 54, 10) for row in packed_rows(documents[start:start + 10], 520)["input_ids"]]
+    assert windowed.splits["train"]["input_ids"][:] == expected
+    assert len(expected) > whole.summary["train"]["blocks"]
+    # A split that fits in one window (validation: 6 documents) is packed as a whole.
+    assert windowed.splits["validation"][:] == whole.splits["validation"][:]
+
+
+# Rows of SFT_ROW tokens: some records are cut or dropped.
+SFT_ROW = 128
+
+
+def instructions(tmp_path: Path) -> Path:
+    source = tmp_path / "records.jsonl"
+    records = generate_instructions(50, seed=4)
+    source.write_text("".join(json.dumps({key: record[key] for key in ("instruction", "input", "output")}) + "\n"
+                              for record in records), encoding="utf-8")
+    return source
+
+
+@pytest.mark.parametrize("packing", ["documents", "none"])
+def test_sft_rows_built_shard_by_shard_are_the_one_shot_rows(tmp_path, packing):
+    source = instructions(tmp_path)
+    one_shot, sharded = (prepared(source, "sft", packing=packing, max_sequence_length=SFT_ROW,
+                                  build_shard_documents=shard, name=f"sft{shard}") for shard in (4096, 3))
+    assert not sharded.reused and sharded.path != one_shot.path
+    for split in ("train", "validation"):
+        assert sharded.splits[split][:] == one_shot.splits[split][:]
+        assert sharded.splits[split].features == one_shot.splits[split].features
+        assert sharded.summary[split] == one_shot.summary[split]
+    assert one_shot.summary["train"]["truncated"] + one_shot.summary["train"]["dropped"] > 0
+    assert {"prompt", "reference"} <= set(sharded.splits["validation"].column_names)
+    if packing == "documents":
+        # The records one a row, in order, packed at once: the one-shot packing.
+        unpacked = prepared(source, "sft", max_sequence_length=SFT_ROW, name="sftnone").splits["train"]
+        rows = packed_rows(unpacked["input_ids"][:], SFT_ROW, unpacked["labels"][:])
+        assert sharded.splits["train"]["input_ids"][:] == rows["input_ids"]
+        assert sharded.splits["train"]["labels"][:] == rows["labels"]
+
+
+@pytest.mark.parametrize("pipeline, data", [
+    ("causal_lm", {"packing": "documents"}), ("causal_lm", {"packing": "none"}), ("causal_lm", {}),
+    ("mlm", {}), ("mlm", {"mlm_truncate": "truncate"}), ("classification", {}), ("sft", {})])
+def test_every_build_shows_its_progress(tmp_path, monkeypatch, pipeline, data):
+    monkeypatch.setattr(progress, "QUIET_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "INTERVAL_SECONDS", 0.0)
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    if pipeline == "sft":
+        source = instructions(tmp_path)
+    else:
+        source = tmp_path / "labelled.jsonl"
+        source.write_text("".join(json.dumps({"text": story, "label": i % 2}) + "\n"
+                                  for i, story in enumerate(STORIES)))
+    prepared(source, pipeline, max_sequence_length=SFT_ROW if pipeline == "sft" else 64, build_shard_documents=20,
+             **data)
+    lines = terminal.getvalue().split("\r")
+    assert any(re.fullmatch(r"rafale: \w[\w ]* train: 20 of \d+ documents, [\d,]+ tokens, [\d.]+M tokens/s, "
+                            r"\d+:\d\d left\x1b\[K", line) for line in lines), lines
+    assert re.match(r"rafale: \w[\w ]* validation: (\d+) of \1 documents", lines[-1]), lines

@@ -5,12 +5,16 @@ document id (1, 2, ... within the row; 0 is padding), so that attention stays in
 restart at each one (models/masks.py) and no label predicts across a boundary (tasks/causal_lm.py). Best-fit
 decreasing: the documents, longest first (ties by their order), each go to the row whose free space fits them most
 tightly, or to a new row. The same lengths give the same rows on every machine.
+
+A build packs a split `packing_window_documents` documents at a time (`packed_windows`): each window of documents,
+in the split's order, is packed on its own, so that memory follows that setting and not the corpus. A split that
+fits in one window is packed exactly as a whole; a larger one leaves at most a few partly filled rows per window.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 if TYPE_CHECKING:
     from rafale.data.cache import PreparedData
@@ -51,6 +55,27 @@ def packed_rows(ids: list[list[int]], capacity: int, labels: Optional[list[list[
         if labels is not None:
             rows["labels"].append([label for i in members for label in labels[i]])
     return rows
+
+
+def packed_windows(documents: Iterable[tuple[list[int], Optional[list[int]]]], capacity: int, window: int
+                   ) -> Iterator[dict[str, list[int]]]:
+    """Rows of whole documents ({"input_ids", "document_ids"[, "labels"]} each) from (ids, labels or None) pairs,
+    best-fit decreasing within each window of `window` documents, the windows' rows one after the other."""
+    held: list[tuple[list[int], Optional[list[int]]]] = []
+
+    def rows() -> Iterator[dict[str, list[int]]]:
+        labels = [document_labels for _, document_labels in held] if held[0][1] is not None else None
+        packed = packed_rows([ids for ids, _ in held], capacity, labels)
+        for i in range(len(packed["input_ids"])):
+            yield {name: column[i] for name, column in packed.items()}
+
+    for document in documents:
+        held.append(document)
+        if len(held) == window:
+            yield from rows()
+            held = []
+    if held:
+        yield from rows()
 
 
 def efficiency_lines(prepared: PreparedData) -> list[str]:

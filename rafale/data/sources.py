@@ -20,13 +20,14 @@ import glob
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rafale.config import SYNTHETIC_PREFIX, DataSettings
 from rafale.errors import RafaleError
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict
+    import numpy as np
+    from datasets import Dataset, DatasetDict
 
 KEY = "data.config.dataset_path"
 # The `datasets` builder that reads each kind of file; `.txt` files are read by `_text_documents`.
@@ -245,14 +246,61 @@ def load_documents(settings: DataSettings, work_dir: Path, extra_columns: dict[s
         kind = getattr(raw[split].features[column], "dtype", "a nested value")
         if kind not in ("string", "large_string"):
             raise RafaleError(f"data.config.text_column: column {column!r} of {source} holds {kind}, not text")
+        dataset = raw[split].select_columns(list(wanted))
         # Empty and whitespace-only documents (and missing values) would only add stray EOS tokens.
-        dataset = raw[split].select_columns(list(wanted)).filter(
-            lambda texts: [bool(text and not text.isspace()) for text in texts],
-            input_columns=[column], batched=True, keep_in_memory=True)
-        if settings.shuffle_dataset:
-            dataset = dataset.shuffle(seed=settings.split_seed, keep_in_memory=True)
-        splits[split] = dataset
+        kept = kept_rows(dataset, lambda rows: [bool(text and not text.isspace()) for text in rows[column]])
+        splits[split] = reordered(dataset, shuffled_order(kept, settings), work_dir / f"{split}-documents.arrow")
     return with_validation(splits, settings, "document")
+
+
+# Rows read, checked or copied at a time when documents are filtered and reordered.
+BLOCK_ROWS = 4096
+
+
+def kept_rows(dataset: Dataset, keep: Callable[[dict[str, list]], list[bool]]) -> np.ndarray:
+    """The indices of the rows that `keep` (given a block of rows, by column) keeps, in order."""
+    import numpy as np
+
+    blocks = [np.flatnonzero(keep(dataset[start:start + BLOCK_ROWS])) + start
+              for start in range(0, len(dataset), BLOCK_ROWS)]
+    return np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
+
+
+def shuffled_order(rows: np.ndarray, settings: DataSettings) -> np.ndarray:
+    """The rows in the order of `split_seed` where `shuffle_dataset` (the order `datasets`' own `shuffle(seed=...)`
+    gives), else as they are."""
+    import numpy as np
+
+    if not settings.shuffle_dataset or len(rows) == 0:
+        return rows
+    return rows[np.random.default_rng(settings.split_seed).permutation(len(rows))]
+
+
+def shuffled(dataset: Dataset, settings: DataSettings, work_dir: Path, split: str) -> Dataset:
+    """The rows in the order of `split_seed` where `shuffle_dataset`, written to `work_dir`."""
+    import numpy as np
+
+    if not settings.shuffle_dataset:
+        return dataset
+    return reordered(dataset, shuffled_order(np.arange(len(dataset)), settings), work_dir / f"{split}-shuffled.arrow")
+
+
+def reordered(dataset: Dataset, order: np.ndarray, file: Path) -> Dataset:
+    """The rows of `dataset` at `order`, copied a block at a time into the Arrow file `file` and read back
+    memory-mapped. `datasets`' filter, shuffle and select instead keep an indices mapping, built from a Python list
+    of every index (about 120 bytes a row); here only `order` is held (8 bytes a row), and the documents are then
+    read in order."""
+    import datasets
+    import pyarrow as pa
+
+    schema = dataset.features.arrow_schema
+    rows = dataset.with_format("arrow")
+    with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, len(order), BLOCK_ROWS):
+            # One record batch per block: the gather returns a piece per row.
+            block = rows[order[start:start + BLOCK_ROWS].tolist()].combine_chunks()
+            writer.write_table(block.replace_schema_metadata(schema.metadata))
+    return datasets.Dataset.from_file(str(file))
 
 
 def with_validation(splits: dict, settings: DataSettings, what: str) -> DatasetDict:
@@ -268,6 +316,6 @@ def with_validation(splits: dict, settings: DataSettings, what: str) -> DatasetD
             raise RafaleError(f"{KEY}: {source} has 1 {what}; a validation split needs at least 2")
         # The end of the (shuffled) documents: at least one of them, and at least one left to train on.
         cut = len(train) - min(math.ceil(settings.validation_fraction * len(train)), len(train) - 1)
-        splits = {**splits, "train": train.select(range(cut), keep_in_memory=True),
-                  "validation": train.select(range(cut, len(train)), keep_in_memory=True)}
+        # Contiguous ranges of a dataset without an indices mapping: slices of its file, nothing copied.
+        splits = {**splits, "train": train.select(range(cut)), "validation": train.select(range(cut, len(train)))}
     return datasets.DatasetDict(splits)

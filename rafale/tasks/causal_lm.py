@@ -15,14 +15,16 @@ it (models/loss.py). Eval: cross-entropy and perplexity. At the end, samples con
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
+
+from pydantic import PositiveInt
 
 from rafale.config import RunFile, TextSettings
 from rafale.tasks.base import HeldOutText, Prepared, Say, Task
 
 if TYPE_CHECKING:
     import torch
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
     from tokenizers import Tokenizer
 
     from rafale.data.cache import PreparedData
@@ -37,6 +39,9 @@ class CausalSettings(TextSettings):
     tail: Literal["drop", "pad"] = "drop"
     # documents, none: a document longer than a row is cut to one ("truncate") or left out ("drop").
     overflow: Literal["truncate", "drop"] = "truncate"
+    # documents: best-fit decreasing packs this many documents at a time (data/packing.py): the build's memory
+    # follows it, not the corpus.
+    packing_window_documents: PositiveInt = 8192
 
 
 def next_token_labels(labels: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,11 +69,13 @@ class CausalLM(Task):
         key = super().cache_key(settings)
         if settings.packing != "chunk":  # chunking's folders keep the names they had before packing existed
             key.update(packing=settings.packing, overflow=settings.overflow)
+        if settings.packing == "documents":
+            key["packing_window_documents"] = settings.packing_window_documents
         return key
 
     def prepare(self, documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings: CausalSettings,
                 work: Path) -> Prepared:
-        from rafale.data.chunking import TOKENS, chunk, tokenize
+        from rafale.data.chunking import chunk
 
         splits, summary = {}, {}
         for split, docs in documents.items():
@@ -78,10 +85,7 @@ class CausalLM(Task):
                 splits[split] = blocks
                 summary[split] = {"documents": len(docs), "tokens": kept, "blocks": len(blocks)}
                 continue
-            tokens = tokenize(docs, settings.text_column, tokenizer, eos_id, settings.num_processes,
-                              work / f"{split}.arrow")
-            splits[split], summary[split] = whole_documents(tokens[TOKENS], settings, split)
-            summary[split]["documents"] = len(docs)
+            splits[split], summary[split] = whole_documents(docs, tokenizer, eos_id, settings, split, work)
         if settings.packing == "chunk":
             return splits, summary, {}
         return splits, summary, {"packing": {"mode": settings.packing, "row_length": settings.max_sequence_length}}
@@ -177,31 +181,52 @@ class CausalLM(Task):
         return HeldOutText("the validation split's text", documents, prefix=prepared.eos_token_id)
 
 
-def whole_documents(tokens: list, settings: CausalSettings, split: str):
+def whole_documents(documents: Dataset, tokenizer: Tokenizer, eos_id: int, settings: CausalSettings, split: str,
+                    work: Path):
     """(rows of whole documents, their counts): packed into rows with document ids ("documents") or one a row
-    ("none"); a document longer than a row is cut to one or left out, as `overflow` says."""
+    ("none"); a document longer than a row is cut to one or left out, as `overflow` says. Tokenized and written
+    shard by shard; packed `packing_window_documents` at a time."""
     import datasets
 
-    from rafale.data.packing import DOCUMENT_IDS, packed_rows
+    from rafale.data.chunking import tokenized_shards
+    from rafale.data.packing import DOCUMENT_IDS, packed_windows
+    from rafale.data.progress import BuildProgress
+    from rafale.data.rows import RowWriter
     from rafale.errors import RafaleError
 
     length, column = settings.max_sequence_length, settings.input_id_key
-    longer = sum(len(document) > length for document in tokens)
-    if settings.overflow == "drop":
-        documents = [list(document) for document in tokens if len(document) <= length]
-    else:
-        documents = [list(document[:length]) for document in tokens]
-    if not documents:
-        raise RafaleError(f"data.config.max_sequence_length: every {split} document is longer than {length} tokens; "
-                          f"raise it or set data.config.overflow: truncate")
+    counts = {"documents": len(documents), "tokens": 0, "blocks": 0, "longer than a row": 0}
+    progress = BuildProgress(f"tokenizing and packing {split}", len(documents))
+
+    def kept() -> Iterator[tuple[list[int], None]]:
+        for shard in tokenized_shards(documents, settings.text_column, tokenizer, eos_id, settings,
+                                      work / f"{split}-tokens.arrow"):
+            tokens = 0
+            for document in shard.to_pylist():
+                tokens += len(document)
+                if len(document) > length:
+                    counts["longer than a row"] += 1
+                    if settings.overflow == "drop":
+                        continue
+                    document = document[:length]
+                counts["tokens"] += len(document)
+                yield document, None
+            progress.update(len(shard), tokens)
+
     features = {column: datasets.Sequence(datasets.Value("int32"))}
     if settings.packing == "documents":
-        packed = packed_rows(documents, length)
-        rows = {column: packed["input_ids"], DOCUMENT_IDS: packed[DOCUMENT_IDS]}
         features[DOCUMENT_IDS] = datasets.Sequence(datasets.Value("int32"))
-    else:
-        rows = {column: documents}
-    dataset = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
-    counts = {"tokens": sum(len(document) for document in documents), "blocks": len(dataset),
-              "longer than a row": longer}
-    return dataset, counts
+    with RowWriter(work / f"{split}-rows.arrow", datasets.Features(features)) as writer:
+        if settings.packing == "documents":
+            for row in packed_windows(kept(), length, settings.packing_window_documents):
+                writer.append({column: row["input_ids"], DOCUMENT_IDS: row[DOCUMENT_IDS]})
+        else:
+            for document, _ in kept():
+                writer.append({column: document})
+        rows = writer.finish()
+    progress.close()
+    if len(rows) == 0:
+        raise RafaleError(f"data.config.max_sequence_length: every {split} document is longer than {length} tokens; "
+                          f"raise it or set data.config.overflow: truncate")
+    counts["blocks"] = len(rows)
+    return rows, counts

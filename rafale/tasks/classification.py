@@ -151,6 +151,8 @@ def prepare(documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings:
     import datasets
     import pyarrow.compute as pc
 
+    from rafale.data.chunking import mapped
+
     names = label_names(documents, settings.label_column)
     if len(names) < 2:
         raise RafaleError(f"{KEY}: the data has a single class ({names[0]!r}); classification needs two or more")
@@ -175,10 +177,8 @@ def prepare(documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings:
         features[TOKEN_TYPES] = datasets.Sequence(datasets.Value("int8"))
     splits, summary = {}, {}
     for split, docs in documents.items():
-        rows = docs.map(encode, batched=True, remove_columns=docs.column_names,
-                        num_proc=settings.num_processes if settings.num_processes > 1 else None,
-                        features=datasets.Features(features), cache_file_name=str(work / f"{split}.arrow"),
-                        desc="Tokenizing")
+        rows = mapped(docs, encode, settings, datasets.Features(features), work / f"{split}.arrow",
+                      f"tokenizing {split}")
         tokens = int(pc.sum(pc.list_value_length(rows.data.column(settings.input_id_key))).as_py() or 0)
         splits[split] = rows
         summary[split] = {"documents": len(docs), "tokens": tokens, "blocks": len(rows)}

@@ -128,7 +128,7 @@ def prepare(documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings:
             rows, _ = chunk(docs, settings.text_column, tokenizer, eos_id, inner, split,
                             work / f"{split}-blocks.arrow", frame=(prefix, suffix))
         else:
-            rows = _truncated(docs, settings, truncating_copy(tokenizer, length), work / f"{split}-rows.arrow")
+            rows = _truncated(docs, settings, truncating_copy(tokenizer, length), split, work / f"{split}-rows.arrow")
         splits[split] = rows
         summary[split] = {"documents": len(docs), "tokens": _count_tokens(rows, settings.input_id_key),
                           "blocks": len(rows)}
@@ -141,15 +141,16 @@ def _features(column: str):
     return datasets.Features({column: datasets.Sequence(datasets.Value("int32"))})
 
 
-def _truncated(docs: Dataset, settings: MLMSettings, tokenizer: Tokenizer, cache_file: Path) -> Dataset:
+def _truncated(docs: Dataset, settings: MLMSettings, tokenizer: Tokenizer, split: str, cache_file: Path) -> Dataset:
+    from rafale.data.chunking import mapped
+
     column = settings.input_id_key
 
     def encode(texts: list[str]) -> dict[str, list[list[int]]]:
         return {column: [encoding.ids for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=True)]}
 
-    return docs.map(encode, input_columns=[settings.text_column], batched=True, remove_columns=docs.column_names,
-                    num_proc=settings.num_processes if settings.num_processes > 1 else None,
-                    features=_features(column), cache_file_name=str(cache_file), desc="Tokenizing")
+    return mapped(docs, encode, settings, _features(column), cache_file, f"tokenizing {split}",
+                  [settings.text_column])
 
 
 def _count_tokens(rows: Dataset, column: str) -> int:

@@ -138,7 +138,7 @@ class PairedPreference(SupervisedFineTuning):
         tokenizer trained on the fly learns from."""
         import datasets
 
-        from rafale.data.sources import with_validation
+        from rafale.data.sources import shuffled, with_validation
 
         format_settings = self.format_settings(settings)
         splits = {}
@@ -152,7 +152,7 @@ class PairedPreference(SupervisedFineTuning):
                 columns[TEXT].append("".join(text for text, _ in first) + "".join(text for text, _ in second))
             dataset = datasets.Dataset.from_dict(columns)
             if settings.shuffle_dataset:
-                dataset = dataset.shuffle(seed=settings.split_seed, keep_in_memory=True)
+                dataset = shuffled(dataset, settings, work, split)
             splits[split] = dataset
         if "train" not in splits:
             raise RafaleError(f"data.config.dataset_path: {settings.dataset_path} has no train split")

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from rafale.config import SYNTHETIC_PREFIX, DataSettings, RunFile
 from rafale.data.formats import FormatSettings, check_settings
@@ -30,7 +30,7 @@ from rafale.tasks.causal_lm import CausalLM
 
 if TYPE_CHECKING:
     import torch
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
     from tokenizers import Tokenizer
 
     from rafale.data.cache import PreparedData
@@ -60,6 +60,8 @@ class SFTSettings(DataSettings):
     # "documents": the training records packed whole into rows of max_sequence_length (data/packing.py), attention
     # kept inside each; "none": a record a row, padded. Held-out splits stay a record a row.
     packing: Literal["none", "documents"] = "none"
+    # documents: best-fit decreasing packs this many records at a time: the build's memory follows it, not the data.
+    packing_window_documents: PositiveInt = 8192
     # Held-out records whose greedy answers are scored (exact match) at the end of a run; 0: none.
     eval_examples: Annotated[int, Field(ge=0)] = 200
     # Held-out answers printed at the end of a run.
@@ -120,30 +122,30 @@ class SupervisedFineTuning(CausalLM):
     # --- records ------------------------------------------------------------------------------------------------
     def load_documents(self, settings: SFTSettings, work: Path) -> DatasetDict:
         """The records of every split, checked one by one (a bad one is an error naming where it is), with the
-        text a tokenizer trained on the fly learns from."""
+        text a tokenizer trained on the fly learns from; written to `work` as they are read."""
         import datasets
 
         from rafale.data import formats
-        from rafale.data.sources import with_validation
+        from rafale.data.rows import RowWriter
+        from rafale.data.sources import shuffled, with_validation
 
         format_settings = self.format_settings(settings)
         fmt = settings.format
+        features = datasets.Features({name: datasets.Value("string") for name in (RECORD, WHERE, FORMAT, TEXT)})
         splits = {}
         for split, records in self._records(settings, work).items():
-            columns: dict[str, list[str]] = {RECORD: [], WHERE: [], FORMAT: [], TEXT: []}
-            for where, record in records:
-                if fmt == "auto":
-                    fmt = formats.detect_format(record, where)
-                segments = formats.to_segments(record, where, format_settings, fmt)
-                if not any(trainable for _, trainable in segments):
-                    raise formats.FormatError(f"{where}: the response is empty")
-                columns[RECORD].append(json.dumps(record, ensure_ascii=False))
-                columns[WHERE].append(where)
-                columns[FORMAT].append(fmt)
-                columns[TEXT].append("".join(text for text, _ in segments))
-            dataset = datasets.Dataset.from_dict(columns)
+            with RowWriter(work / f"{split}-records.arrow", features) as writer:
+                for where, record in records:
+                    if fmt == "auto":
+                        fmt = formats.detect_format(record, where)
+                    segments = formats.to_segments(record, where, format_settings, fmt)
+                    if not any(trainable for _, trainable in segments):
+                        raise formats.FormatError(f"{where}: the response is empty")
+                    writer.append({RECORD: json.dumps(record, ensure_ascii=False), WHERE: where, FORMAT: fmt,
+                                   TEXT: "".join(text for text, _ in segments)})
+                dataset = writer.finish()
             if settings.shuffle_dataset:
-                dataset = dataset.shuffle(seed=settings.split_seed, keep_in_memory=True)
+                dataset = shuffled(dataset, settings, work, split)
             splits[split] = dataset
         if "train" not in splits:
             raise RafaleError(f"data.config.dataset_path: {settings.dataset_path} has no train split")
@@ -181,64 +183,88 @@ class SupervisedFineTuning(CausalLM):
     # --- rows ---------------------------------------------------------------------------------------------------
     def prepare(self, documents: DatasetDict, tokenizer: Tokenizer, eos_id: int, settings: SFTSettings,
                 work: Path) -> Prepared:
-        import datasets
-
         from rafale.data import formats
-        from rafale.data.packing import DOCUMENT_IDS, packed_rows
-        from rafale.models.loss import IGNORE_INDEX
 
         format_settings = self.format_settings(settings, tokenizer=tokenizer, eos_id=eos_id)
         # The format every record was checked in: the setting's, or the one "auto" found in the first record.
         fmt = documents["train"][0][FORMAT]
-        length, key = settings.max_sequence_length, settings.input_id_key
         splits, summary = {}, {}
         for split, records in documents.items():
             held_out = split == next(name for name in HELD_OUT_SPLITS if name in documents)
-            columns: dict[str, list] = {key: [], LABELS: []}
-            if held_out:
-                columns.update({PROMPT: [], REFERENCE: []})
-            counts = {"documents": len(records), "tokens": 0, "blocks": 0, "response tokens": 0, "truncated": 0,
-                      "dropped": 0}
-            for row in records:
-                record, where = json.loads(row[RECORD]), row[WHERE]
-                ids, labels = tokenized(formats.to_segments(record, where, format_settings, fmt), tokenizer, eos_id)
-                if len(ids) > length:
-                    if settings.overflow == "drop":
-                        counts["dropped"] += 1
-                        continue
-                    ids, labels = ids[:length], labels[:length]
-                    counts["truncated"] += 1
-                    # The first label predicts nothing (position 0 has no context): a row needs one after it.
-                    if all(label == IGNORE_INDEX for label in labels[1:]):
-                        counts["truncated"] -= 1
-                        counts["dropped"] += 1
-                        continue
-                columns[key].append(ids)
-                columns[LABELS].append(labels)
-                if held_out:
-                    columns[PROMPT].append(formats.prompt_segments(record, where, format_settings, fmt))
-                    columns[REFERENCE].append(formats.reference_response(record, where, format_settings, fmt))
-                counts["tokens"] += len(ids)
-                counts["response tokens"] += sum(label != IGNORE_INDEX for label in labels)
-            if not columns[key]:
-                raise RafaleError(f"data.config.max_sequence_length: every {split} row is longer than {length} "
-                                  f"tokens and lost its response; raise max_sequence_length")
-            features = {key: datasets.Sequence(datasets.Value("int32")),
-                        LABELS: datasets.Sequence(datasets.Value("int32"))}
-            if settings.packing == "documents" and split == "train":
-                packed = packed_rows(columns[key], length, columns[LABELS])
-                columns = {key: packed["input_ids"], LABELS: packed["labels"], DOCUMENT_IDS: packed[DOCUMENT_IDS]}
-                features[DOCUMENT_IDS] = datasets.Sequence(datasets.Value("int32"))
-            counts["blocks"] = len(columns[key])
-            if held_out:
-                features.update({PROMPT: datasets.Value("string"), REFERENCE: datasets.Value("string")})
-            splits[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
-            summary[split] = counts
+            splits[split], summary[split] = self._rows(records, split, held_out, tokenizer, eos_id, settings,
+                                                       format_settings, fmt, work)
         template = format_settings.chat_template if fmt == "chat" else prompt_as_chat_template(format_settings, fmt)
         meta = {"format": fmt, "chat_template": formats.CHAT_TEMPLATES.get(template, template)}
         if settings.packing == "documents":
-            meta["packing"] = {"mode": "documents", "row_length": length}
+            meta["packing"] = {"mode": "documents", "row_length": settings.max_sequence_length}
         return splits, summary, meta
+
+    def _rows(self, records: Dataset, split: str, held_out: bool, tokenizer: Tokenizer, eos_id: int,
+              settings: SFTSettings, format_settings: FormatSettings, fmt: str, work: Path) -> tuple[Dataset, dict]:
+        """One split's rows and counts, tokenized a shard of records at a time and written as they are made (the
+        training split packed `packing_window_documents` records at a time, where `packing`)."""
+        import datasets
+
+        from rafale.data import formats
+        from rafale.data.packing import DOCUMENT_IDS, packed_windows
+        from rafale.data.progress import BuildProgress
+        from rafale.data.rows import RowWriter
+        from rafale.models.loss import IGNORE_INDEX
+
+        length, key = settings.max_sequence_length, settings.input_id_key
+        counts = {"documents": len(records), "tokens": 0, "blocks": 0, "response tokens": 0, "truncated": 0,
+                  "dropped": 0}
+        progress = BuildProgress(f"tokenizing {split}", len(records))
+
+        def kept() -> Iterator[dict[str, Any]]:
+            size = settings.build_shard_documents
+            for start in range(0, len(records), size):
+                shard, tokens = records[start:start + size], 0
+                for text, where in zip(shard[RECORD], shard[WHERE]):
+                    record = json.loads(text)
+                    ids, labels = tokenized(formats.to_segments(record, where, format_settings, fmt), tokenizer,
+                                            eos_id)
+                    tokens += len(ids)
+                    if len(ids) > length:
+                        if settings.overflow == "drop":
+                            counts["dropped"] += 1
+                            continue
+                        ids, labels = ids[:length], labels[:length]
+                        # The first label predicts nothing (position 0 has no context): a row needs one after it.
+                        if all(label == IGNORE_INDEX for label in labels[1:]):
+                            counts["dropped"] += 1
+                            continue
+                        counts["truncated"] += 1
+                    counts["tokens"] += len(ids)
+                    counts["response tokens"] += sum(label != IGNORE_INDEX for label in labels)
+                    row = {key: ids, LABELS: labels}
+                    if held_out:  # its prompt and reference answer, for the end-of-run scoring
+                        row[PROMPT] = formats.prompt_segments(record, where, format_settings, fmt)
+                        row[REFERENCE] = formats.reference_response(record, where, format_settings, fmt)
+                    yield row
+                progress.update(len(shard[RECORD]), tokens)
+
+        features = {key: datasets.Sequence(datasets.Value("int32")), LABELS: datasets.Sequence(datasets.Value("int32"))}
+        packed = settings.packing == "documents" and split == "train"
+        if packed:
+            features[DOCUMENT_IDS] = datasets.Sequence(datasets.Value("int32"))
+        if held_out:
+            features.update({PROMPT: datasets.Value("string"), REFERENCE: datasets.Value("string")})
+        with RowWriter(work / f"{split}-rows.arrow", datasets.Features(features)) as writer:
+            if packed:
+                documents = ((row[key], row[LABELS]) for row in kept())
+                for row in packed_windows(documents, length, settings.packing_window_documents):
+                    writer.append({key: row["input_ids"], LABELS: row["labels"], DOCUMENT_IDS: row[DOCUMENT_IDS]})
+            else:
+                for row in kept():
+                    writer.append(row)
+            rows = writer.finish()
+        progress.close()
+        if len(rows) == 0:
+            raise RafaleError(f"data.config.max_sequence_length: every {split} row is longer than {length} "
+                              f"tokens and lost its response; raise max_sequence_length")
+        counts["blocks"] = len(rows)
+        return rows, counts
 
     def collator(self, prepared: PreparedData, settings: SFTSettings, seed: int):
         from rafale.data.collate import PaddingCollator
