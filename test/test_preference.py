@@ -395,3 +395,28 @@ def test_kto_scores_greedy_answers_against_desirable_completions_only(tmp_path, 
     for prompt, reference in answers:
         a, b = map(int, re.findall(r"\d+", prompt))
         assert reference == str(a + b), (prompt, reference)
+
+
+def test_a_caching_pass_killed_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    path = config_for(tmp_path, "killed-cache", {})
+    writes = safetensors.torch.save_file
+
+    def killed_midway(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt  # as the process dies while writing
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepared_with_reference(path)
+    data = tmp_path / "cache" / "data"
+    left = [folder.name for folder in data.glob("*.reference-*")]
+    assert len(left) == 1 and left[0].startswith(".") and ".partial-" in left[0]  # never trusted: a partial name
+
+    monkeypatch.setattr(safetensors.torch, "save_file", writes)
+    said: list[str] = []
+    _, prepared = prepared_with_reference(path, said)
+    assert any("computed in" in line for line in said)
+    assert list(data.glob(".*.partial-*")) == [] and len(prepared.splits["train"]["reference_logps"]) > 0
