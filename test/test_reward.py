@@ -127,5 +127,14 @@ def test_label_refuses_bad_input_in_one_line(reward_run, tmp_path):
     with pytest.raises(RafaleError, match=r"--feedback: 'scalar' is not one of pairwise, binary"):
         label_samples(run, source, tmp_path / "out.jsonl", "scalar")
     assert not (tmp_path / "out.jsonl").exists()
+    save_pretrained(build_model("pythia-tiny", {"vocab_size": 512}), tmp_path / "lm",
+                    tokenizer=run / "model" / "tokenizer.json", config_extras={"eos_token_id": 0, "pad_token_id": 1})
+    with pytest.raises(RafaleError, match=r"lm: not a reward model"):
+        label_samples(tmp_path / "lm", write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "output": " b"}]),
+                      tmp_path / "out.jsonl", "pairwise")
+    from rafale.models.generate import generate_from_folder
+
+    with pytest.raises(RafaleError, match=r"a reward model \(a score head, no LM head\): it scores text"):
+        generate_from_folder(run, ["a"])
     records, summary = feedback_records([("p", " x"), ("p", " y"), ("q", " z")], [0.5, 0.5, 1.0], "pairwise", None)
     assert records == [] and summary.skipped == 2  # tied outputs make no pair

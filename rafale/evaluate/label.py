@@ -58,10 +58,9 @@ def score_samples(model_path: Path, samples: list[tuple[str, str]], batch_size: 
     from rafale.models.weights import read_hf_config
     from rafale.tasks.reward import score_texts
 
-    folder, model, tokenizer = load_folder(model_path)
-    if getattr(model.config, "num_scores", 0) != 1:
-        raise RafaleError(f"{folder}: not a reward model (its config.json names no *ForSequenceClassification "
-                          f"architecture with one label); train one with data.pipeline: reward")
+    folder, model, tokenizer = load_folder(model_path, scores=True)
+    if model.config.num_scores != 1:
+        raise RafaleError(f"{folder}: scores {model.config.num_scores} labels; a reward model has one")
     hf = read_hf_config(folder)
     segments = [[(prompt, False), (output, True)] for prompt, output in samples]
     return score_texts(model, tokenizer, segments, hf["eos_token_id"], hf["pad_token_id"], batch_size)
