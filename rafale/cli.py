@@ -230,6 +230,26 @@ def lm_eval_command(ctx: typer.Context) -> None:
     cli_evaluate()
 
 
+@app.command()
+def label(
+    reward_model: Path = typer.Argument(..., help="A reward model (data.pipeline: reward): its exported folder or its "
+                                        "run's folder."),
+    samples: Path = typer.Argument(..., help="JSON lines {prompt, output} (several outputs of a prompt: several "
+                                   "lines), as `rafale sample` writes them."),
+    out: Path = typer.Argument(..., help="The feedback file (JSON lines) to write."),
+    feedback: str = typer.Option("pairwise", "--feedback", help="pairwise: {prompt, chosen, rejected}, each "
+                                 "prompt's best output against its worst; binary: {prompt, completion, label}, "
+                                 "label true above the threshold."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="binary: the score above which an output "
+                                              "is desirable; default: the median score."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Outputs per forward pass."),
+) -> None:
+    """Score sampled outputs with a reward model and write feedback that preference tuning reads."""
+    from rafale.evaluate.label import label_samples
+
+    typer.echo("\n".join(label_samples(reward_model, samples, out, feedback, threshold, batch_size).lines))
+
+
 def run() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2, never a traceback.
 

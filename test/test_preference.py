@@ -6,6 +6,7 @@ reference log-probs are cached once, reused, never trusted half-written or for o
 import json
 import math
 import os
+import re
 import types
 from pathlib import Path
 
@@ -216,8 +217,6 @@ def test_bad_records_are_one_line_errors_with_exit_status_2(tmp_path, record, pi
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
-    import re
-
     assert re.search(message, lines[0]), lines[0]
 
 
@@ -378,3 +377,46 @@ def test_with_lora_the_live_reference_is_the_policy_with_its_adapters_off():
     batch = PairCollator(1, 16, "rejected")(rows)
     with torch.no_grad():
         assert torch.equal(reference(policy, batch), task.sequence_log_probs(base, batch)[0])
+
+
+def test_kto_scores_greedy_answers_against_desirable_completions_only(tmp_path, monkeypatch):
+    from rafale.data import prepare_data
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    records = [{"prompt": f"Add {a} and {b}.\n", "completion": str(a + b if good else a + b + 1), "label": good}
+               for a in range(6) for b in range(6) for good in (True, False)]
+    data = {"dataset_path": str(write_jsonl(tmp_path / "kto.jsonl", records)), "validation_fraction": 0.5}
+    config = load_run_file(config_for(tmp_path, "kto-right", data, "kto"))
+    prepared = prepare_data(config)
+    held_out = prepared.splits["validation"]
+    assert not all(held_out["desirable"])  # the held-out split has undesirable completions to leave out
+    answers = config.task.right_answers(held_out)
+    assert len(answers) == sum(held_out["desirable"]) > 0
+    for prompt, reference in answers:
+        a, b = map(int, re.findall(r"\d+", prompt))
+        assert reference == str(a + b), (prompt, reference)
+
+
+def test_a_caching_pass_killed_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    path = config_for(tmp_path, "killed-cache", {})
+    writes = safetensors.torch.save_file
+
+    def killed_midway(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt  # as the process dies while writing
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepared_with_reference(path)
+    data = tmp_path / "cache" / "data"
+    left = [folder.name for folder in data.glob("*.reference-*")]
+    assert len(left) == 1 and left[0].startswith(".") and ".partial-" in left[0]  # never trusted: a partial name
+
+    monkeypatch.setattr(safetensors.torch, "save_file", writes)
+    said: list[str] = []
+    _, prepared = prepared_with_reference(path, said)
+    assert any("computed in" in line for line in said)
+    assert list(data.glob(".*.partial-*")) == [] and len(prepared.splits["train"]["reference_logps"]) > 0

@@ -47,6 +47,9 @@ class DecoderConfig:
     # The family (weights.FAMILIES) whose Hugging Face class this model is saved as; save_pretrained falls back
     # to another family only when this one cannot express the other settings.
     family: str = "pythia"
+    # 0: a language model (the LM head). n > 0: a ScoredDecoder, n scores per sequence from a `score` head in place
+    # of the LM head (a reward model: 1); the task sets it, an exported folder's architecture says it.
+    num_scores: int = 0
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "n_layers", "n_heads", "intermediate_size", "max_position_embeddings"):
@@ -75,6 +78,8 @@ class DecoderConfig:
             s = self.rope_scaling
             if not (s["factor"] > 0 and s["high_freq_factor"] > s["low_freq_factor"]):
                 raise RafaleError("model.rope_scaling: needs factor > 0 and high_freq_factor > low_freq_factor")
+        if self.num_scores < 0:
+            raise RafaleError(f"model.num_scores: must be >= 0, got {self.num_scores}")
         if not 0 <= self.dropout < 1:
             raise RafaleError(f"model.dropout: must be in [0, 1), got {self.dropout}")
 
@@ -199,3 +204,32 @@ class Decoder(nn.Module):
             matmul_params -= self.pos_embed.weight.numel()
         c = self.config
         return 6 * matmul_params + 12 * c.n_layers * c.hidden_size * seq_len
+
+
+class ScoredDecoder(Decoder):
+    """A decoder whose head gives `num_labels` scores of a whole sequence instead of next-token logits, read at
+    its last real token: a reward model has one. The layout of transformers' `*ForSequenceClassification`
+    decoders: the same blocks, a bias-free linear `score` head, no LM head."""
+
+    def __init__(self, config: DecoderConfig, num_labels: int = 1):
+        super().__init__(config)
+        del self.lm_head
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=config.init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> the score of every sequence [B, num_labels], read at its last real token (the
+        rightmost position that attention_mask keeps, as transformers reads the rightmost non-pad token)."""
+        hidden = self.hidden_states(input_ids, attention_mask, document_ids=document_ids)
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            last = (positions * attention_mask.bool()).argmax(-1)
+        return self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])
+
+    def flops_per_token(self, seq_len: int) -> float:
+        # Without an LM head, a tied embedding table is a lookup only.
+        tied_table = self.embed.weight.numel() if self.config.tie_embeddings else 0
+        return super().flops_per_token(seq_len) - 6 * tied_table

@@ -312,10 +312,11 @@ def chat_prompts(folder: str | Path, messages: list[str]) -> list[str]:
                         settings.bos_token) for message in messages]
 
 
-def load_folder(path: str | Path, dtype: str | None = None):
+def load_folder(path: str | Path, dtype: str | None = None, scores: bool = False):
     """(folder, model, tokenizer) of a Hugging Face folder with tokenizer.json, or of a run folder's `model/`: the
     model in eval mode with any transform rules exported beside it applied again, on the GPU when there is one,
-    its weights in `dtype` (a DTYPES name) when given."""
+    its weights in `dtype` (a DTYPES name) when given. A language model, or with `scores` a reward model (a score
+    head in place of the LM head)."""
     from tokenizers import Tokenizer
 
     if dtype is not None and dtype not in DTYPES:
@@ -328,6 +329,11 @@ def load_folder(path: str | Path, dtype: str | None = None):
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
         raise RafaleError(f"{folder / TOKENIZER_FILE}: not a valid tokenizer file ({e})") from None
     model = load_pretrained(folder)
+    if bool(getattr(model.config, "num_scores", 0)) != scores:
+        raise RafaleError(f"{folder}: a reward model (a score head, no LM head): it scores text (rafale label) and "
+                          f"does not generate" if not scores else
+                          f"{folder}: not a reward model (its config.json names no *ForSequenceClassification "
+                          f"architecture); train one with data.pipeline: reward")
     # A model exported from transform-aware training computes as it trained: its rules are applied again.
     from rafale import transforms
 

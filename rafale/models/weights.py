@@ -20,11 +20,14 @@ from safetensors.torch import save_file
 from rafale.errors import RafaleError
 from rafale.models import bert, llama, pythia
 from rafale.models.bert import Encoder, EncoderConfig
-from rafale.models.decoder import Decoder, DecoderConfig
+from rafale.models.decoder import Decoder, DecoderConfig, ScoredDecoder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# A ScoredDecoder's head, as transformers' *ForSequenceClassification decoders name it.
+SCORE = "score.weight"
+CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -35,8 +38,21 @@ FAMILIES: dict[str, ModuleType] = {"pythia": pythia, "llama": llama, "bert": ber
 
 
 def build(config: DecoderConfig | EncoderConfig) -> Decoder | Encoder:
-    """A randomly initialised model of the config's kind: a decoder, or an encoder (bert.py)."""
-    return Encoder(config) if isinstance(config, EncoderConfig) else Decoder(config)
+    """A randomly initialised model of the config's kind: a decoder (with a score head where it has num_scores), or
+    an encoder (bert.py)."""
+    if isinstance(config, EncoderConfig):
+        return Encoder(config)
+    return ScoredDecoder(config, config.num_scores) if config.num_scores else Decoder(config)
+
+
+def weight_names(config: DecoderConfig | EncoderConfig, family: ModuleType | None = None) -> dict:
+    """Every rafale tensor name -> its Hugging Face name(s): the family's map (the config's own family unless
+    another is given), with a scored decoder's `score` head in place of its LM head."""
+    names = (family or _family(config)).weight_names(config)
+    if isinstance(config, DecoderConfig) and config.num_scores:
+        names = {ours: theirs for ours, theirs in names.items() if ours != "lm_head.weight"}
+        names[SCORE] = SCORE
+    return names
 
 
 def _family(config: DecoderConfig | EncoderConfig) -> ModuleType:
@@ -82,9 +98,13 @@ def config_from_folder(folder: str | Path) -> DecoderConfig | EncoderConfig:
     if model_type not in by_type:
         raise RafaleError(f"{path}: model_type {model_type!r} is not supported; valid: {', '.join(by_type)}")
     try:
-        return by_type[model_type].config_from_hf(hf)
+        config = by_type[model_type].config_from_hf(hf)
     except RafaleError as e:
         raise RafaleError(f"{path}: {e}") from None
+    if isinstance(config, DecoderConfig) and any(name.endswith(SEQUENCE_CLASSIFICATION)
+                                                 for name in hf.get("architectures") or []):
+        config.num_scores = len(hf.get("id2label") or {0: ""})
+    return config
 
 
 def load_pretrained(folder: str | Path) -> Decoder | Encoder:
@@ -142,11 +162,14 @@ def load_weights(model: Decoder | Encoder, folder: str | Path, new_head: bool = 
         if isinstance(config, EncoderConfig):
             weight_names, fresh = bert.checkpoint_names(config, located, new_head)
         else:
-            weight_names, fresh = family.weight_names(config), []
+            weight_names, fresh = scored_names(config, located, new_head)
         names = {ours: _parts(theirs) for ours, theirs in weight_names.items()}
         expected = dict.fromkeys(theirs for parts in names.values() for theirs in parts)
         missing = [theirs for theirs in expected if theirs not in located]
-        unexpected = [name for name in located if name not in expected and not family.IGNORED_HF.search(name)]
+        # A scored decoder starts from a language model's folder: its LM head is not needed.
+        unneeded = {family.weight_names(config).get("lm_head.weight")} if isinstance(model, ScoredDecoder) else set()
+        unexpected = [name for name in located
+                      if name not in expected and name not in unneeded and not family.IGNORED_HF.search(name)]
         problems = [f"missing tensors: {_few(missing)}"] if missing else []
         problems += [f"unexpected tensors: {_few(unexpected)}"] if unexpected else []
         if problems:
@@ -165,6 +188,15 @@ def load_weights(model: Decoder | Encoder, folder: str | Path, new_head: bool = 
                 tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
                 state[ours].copy_(family.from_hf(ours, tensor, config))
     return fresh
+
+
+def scored_names(config: DecoderConfig, located: dict, new_head: bool) -> tuple[dict, list[str]]:
+    """A decoder's weight names in a folder, and the tensors left as initialised: with `new_head`, the score head
+    of a scored decoder whose folder is a language model's (a reward model's start)."""
+    names = weight_names(config)
+    if new_head and config.num_scores and SCORE not in located:
+        return {ours: theirs for ours, theirs in names.items() if ours != SCORE}, [SCORE]
+    return names, []
 
 
 def _write_tokenizer(tokenizer, path: Path) -> None:
@@ -213,11 +245,16 @@ def save_pretrained(model: Decoder | Encoder, folder: str | Path, tokenizer=None
         raise RafaleError(f"{folder}: exists and is not a model folder (no {CONFIG_FILE}); refusing to replace it")
     config = model.config
     family, hf_config = _export_family(config)
+    if isinstance(config, DecoderConfig) and config.num_scores:
+        hf_config["architectures"] = [name.replace(CAUSAL_LM, SEQUENCE_CLASSIFICATION)
+                                      for name in hf_config["architectures"]]
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_scores)}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(config.num_scores)}
     hf_config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     hf_config.update(config_extras or {})
     state = model.state_dict()
     tensors = {}
-    for ours, theirs in family.weight_names(config).items():
+    for ours, theirs in weight_names(config, family).items():
         parts = _parts(theirs)
         tensor = family.to_hf(ours, state[ours], config).detach().cpu()
         pieces = tensor.split(list(parts.values())) if len(parts) > 1 else [tensor]

@@ -10,6 +10,7 @@ from rafale.tasks.classification import Classification
 from rafale.tasks.kto import KTO
 from rafale.tasks.mlm import MaskedLM
 from rafale.tasks.preference import PairedPreference
+from rafale.tasks.reward import RewardModel
 from rafale.tasks.sft import SupervisedFineTuning
 
 TASKS: dict[str, Task] = {
@@ -19,6 +20,7 @@ TASKS: dict[str, Task] = {
     "sft": SupervisedFineTuning("sft"),
     "preference": PairedPreference("preference"),
     "kto": KTO("kto"),
+    "reward": RewardModel("reward"),
 }
 # The original's pipeline names, kept so its run files still work.
 ALIASES = {"tinystories_neox": "causal_lm", "imdb_bert": "classification"}

@@ -28,6 +28,7 @@ from rafale.config import RunFile
 from rafale.errors import RafaleError
 from rafale.tasks.base import Say
 from rafale.tasks.preference import LABELS, PairedPreference, PreferenceBase, fitted
+from rafale.tasks.sft import PROMPT, REFERENCE
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +114,11 @@ class KTO(PairedPreference):
 
     def summary_lines(self, prepared: PreparedData) -> list[str]:
         return []
+
+    def right_answers(self, held_out) -> list[tuple[str, str]]:
+        """Only desirable completions are right answers: an undesirable one is what the model must not say."""
+        return [(prompt, reference) for prompt, reference, desirable
+                in zip(held_out[PROMPT], held_out[REFERENCE], held_out["desirable"]) if desirable and reference]
 
     def before_training(self, config: RunFile, prepared: PreparedData, starting_model: Callable[[], Any],
                         say: Say) -> None:

@@ -347,9 +347,7 @@ class PairedPreference(SupervisedFineTuning):
         split = next((name for name in HELD_OUT_SPLITS if name in prepared.splits), None)
         if split is None or PROMPT not in prepared.splits[split].column_names or settings.eval_examples == 0:
             return {}
-        held_out = prepared.splits[split]
-        # Rows without a right answer (KTO's undesirable completions) are not scored.
-        scored = [(prompt, reference) for prompt, reference in zip(held_out[PROMPT], held_out[REFERENCE]) if reference]
+        scored = self.right_answers(prepared.splits[split])
         count = min(len(scored), settings.eval_examples)
         if count == 0:
             return {}
@@ -358,6 +356,10 @@ class PairedPreference(SupervisedFineTuning):
         right = sum(answer.strip() == reference.strip() for answer, reference in zip(answers, references))
         return {"exact match": right / count, "scored": count,
                 "samples": list(zip(prompts, answers, references))[:settings.sample_count]}
+
+    def right_answers(self, held_out) -> list[tuple[str, str]]:
+        """(prompt, right response) of the held-out rows that have one: every pair's chosen response."""
+        return [(prompt, reference) for prompt, reference in zip(held_out[PROMPT], held_out[REFERENCE]) if reference]
 
     def report(self, model: torch.nn.Module, prepared: PreparedData, config: RunFile,
                eval_metrics: dict[str, float], say: Say) -> None:
