@@ -87,6 +87,10 @@ def build_language_model(config: RunFile, prepared: PreparedData,
                               f"{'an encoder' if isinstance(base, EncoderConfig) else 'a decoder'}, but "
                               f"data.pipeline {config.data.pipeline!r} trains a {config.task.model_kind}")
         overrides.update(config.task.model_overrides(config, prepared))
+        if getattr(base, "num_scores", 0) and not overrides.get("num_scores"):
+            raise RafaleError(f"{config.source}: model.pretrained_path: {config.model.pretrained_path} holds a reward "
+                              f"model (a score head, no LM head), but data.pipeline {config.data.pipeline!r} trains "
+                              f"a language model")
         model = build(replace(base, **overrides))
     else:
         if "vocab_size" not in overrides:

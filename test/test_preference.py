@@ -395,6 +395,9 @@ def test_kto_scores_greedy_answers_against_desirable_completions_only(tmp_path, 
     for prompt, reference in answers:
         a, b = map(int, re.findall(r"\d+", prompt))
         assert reference == str(a + b), (prompt, reference)
+    # The end of the run's perplexity is on the same right answers.
+    text = config.task.held_out_text(config, prepared, 1 << 20)
+    assert list(zip(text.contexts, text.documents)) == answers
 
 
 def test_a_caching_pass_killed_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):

@@ -138,3 +138,18 @@ def test_label_refuses_bad_input_in_one_line(reward_run, tmp_path):
         generate_from_folder(run, ["a"])
     records, summary = feedback_records([("p", " x"), ("p", " y"), ("q", " z")], [0.5, 0.5, 1.0], "pairwise", None)
     assert records == [] and summary.skipped == 2  # tied outputs make no pair
+
+
+def test_a_language_model_run_refuses_a_reward_model_to_start_from(reward_run, tmp_path, monkeypatch):
+    from rafale.data import prepare_data
+    from rafale.train import build_language_model
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    _, run, _, _ = reward_run
+    path = config_for(tmp_path, "dpo-from-rm", {}, "preference")
+    raw = yaml.safe_load(path.read_text())
+    raw["model"].update(use_pretrained=True, pretrained_path=str(run / "model"))
+    path.write_text(yaml.safe_dump(raw))
+    config = load_run_file(path)
+    with pytest.raises(RafaleError, match=r"holds a reward model .* data.pipeline 'preference' trains a language"):
+        build_language_model(config, prepare_data(config))

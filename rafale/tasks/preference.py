@@ -357,10 +357,6 @@ class PairedPreference(SupervisedFineTuning):
         return {"exact match": right / count, "scored": count,
                 "samples": list(zip(prompts, answers, references))[:settings.sample_count]}
 
-    def right_answers(self, held_out) -> list[tuple[str, str]]:
-        """(prompt, right response) of the held-out rows that have one: every pair's chosen response."""
-        return [(prompt, reference) for prompt, reference in zip(held_out[PROMPT], held_out[REFERENCE]) if reference]
-
     def report(self, model: torch.nn.Module, prepared: PreparedData, config: RunFile,
                eval_metrics: dict[str, float], say: Say) -> None:
         """The held-out metrics and the greedy exact match, before training and after."""

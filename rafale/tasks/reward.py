@@ -50,6 +50,10 @@ class RewardModel(PairedPreference):
     def uses_reference(self, settings: RewardSettings) -> bool:
         return False
 
+    def held_out_text(self, config: RunFile, prepared: PreparedData, max_bytes: int) -> None:
+        """A score head predicts no tokens: there is no perplexity to report."""
+        return None
+
     def before_training(self, config: RunFile, prepared: PreparedData, starting_model: Callable[[], Any],
                         say: Say) -> None:
         """The starting model's held-out figures (its score head as initialised), for the report's "before"."""

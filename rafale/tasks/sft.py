@@ -303,9 +303,8 @@ class SupervisedFineTuning(CausalLM):
         split = next((name for name in HELD_OUT_SPLITS if name in prepared.splits), None)
         if split is None or PROMPT not in prepared.splits[split].column_names:
             return None
-        held_out = prepared.splits[split]
         prompts, answers, size = [], [], 0
-        for prompt, answer in zip(held_out[PROMPT], held_out[REFERENCE]):
+        for prompt, answer in self.right_answers(prepared.splits[split]):
             if not answer.strip():  # nothing to score
                 continue
             size += len(prompt.encode("utf-8")) + len(answer.encode("utf-8"))
@@ -314,6 +313,10 @@ class SupervisedFineTuning(CausalLM):
             prompts.append(prompt)
             answers.append(answer)
         return HeldOutText(f"the {split} split's answers given their prompts", answers, contexts=prompts)
+
+    def right_answers(self, held_out) -> list[tuple[str, str]]:
+        """(prompt, right response) of the held-out rows that have one."""
+        return [(prompt, reference) for prompt, reference in zip(held_out[PROMPT], held_out[REFERENCE]) if reference]
 
     def export_tokenizer_config(self, prepared: PreparedData, config: RunFile) -> dict[str, Any]:
         template = prepared.meta.get("chat_template")
