@@ -141,12 +141,17 @@ class CausalLM(Task):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            before, after = model(ids[:, :real])[0, :half], model(changed[:, :real])[0, :half]
+            before = self.causal_outputs(model, ids[:, :real])[0, :half]
+            after = self.causal_outputs(model, changed[:, :real])[0, :half]
         model.train(was_training)
         if not torch.allclose(before.float(), after.float(), atol=1e-4, rtol=1e-4):
             return [f"the model sees the future: changing tokens {half} to {real - 1} of a row changed the "
                     f"predictions at positions before them (by up to {float((before - after).abs().max()):.3g})"]
         return []
+
+    def causal_outputs(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """What debug_checks compares per position: the model's predictions."""
+        return model(ids)
 
     def report(self, model: torch.nn.Module, prepared: PreparedData, config: RunFile,
                eval_metrics: dict[str, float], say: Say) -> None:
