@@ -142,11 +142,14 @@ def test_generate_from_a_run_folder(tmp_path):
         ("llama-tiny", {"n_kv_heads": 2}, torch.float32),
         ("llama-tiny", {"n_kv_heads": 2}, torch.bfloat16),
         ("pythia-tiny", {"positions": "learned"}, torch.float32),
+        ("pythia-tiny", {"parallel_residual": False}, torch.float32),
     ],
-    ids=["pythia-partial-rotary", "llama-gqa", "llama-gqa-bf16", "learned-positions"],
+    ids=["pythia-partial-rotary", "llama-gqa", "llama-gqa-bf16", "learned-positions", "sequential-residual"],
 )
-def test_one_token_step_computes_the_models_forward(preset, overrides, dtype):
-    """Step by step over a left-padded batch, the decoding path gives the hidden states of Decoder.hidden_states."""
+@pytest.mark.parametrize("parts", [1, 3])  # 3 slices do not divide the products' outputs: padded and cut off
+def test_one_token_step_computes_the_models_forward(preset, overrides, dtype, parts):
+    """Step by step over a left-padded batch, the decoding path (norms folded into the products, products joined
+    and sliced) gives the hidden states of Decoder.hidden_states."""
     from rafale.models.generate import OneTokenStep
 
     torch.manual_seed(2)
@@ -158,16 +161,33 @@ def test_one_token_step_computes_the_models_forward(preset, overrides, dtype):
     with torch.inference_mode():
         for cache in caches:
             model.hidden_states(input_ids, padding[:, :6], positions[:, :6], cache)
-        step = OneTokenStep(model, caches[0], padding)
+        step = OneTokenStep(model, caches[0], padding, parts)
         tokens = torch.tensor([5, 17, 99])
         for i in range(6, 10):
             ours = step(tokens, positions[:, i : i + 1])
             theirs = model.hidden_states(tokens[:, None], padding[:, : i + 1], positions[:, i : i + 1], caches[1])
-            # Float rounding only (SDPA reads grouped heads in place rather than repeated): bf16 within about an ulp.
+            # Float rounding only (folded norms, joined products, grouped heads read in place): bf16 within about an
+            # ulp.
             tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
             torch.testing.assert_close(ours, theirs[:, 0], **tolerance)
             tokens = (tokens * 7 + i) % 128
     assert caches[0][0].length == caches[1][0].length == 10
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12)], ids=["wide", "tall"])
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_product_equals_linear(shape, parts, bias):
+    """A Product, whatever its layout and slicing, computes nn.Linear's product of one row or several."""
+    from rafale.models.generate import Product
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(*shape, bias=bias)
+    product = Product(linear.weight.detach(), linear.bias.detach() if bias else None, parts)
+    assert product.wide == (shape[1] > shape[0])
+    for rows in (1, 3):
+        x = torch.randn(rows, shape[0])
+        torch.testing.assert_close(product(x), linear(x).detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_decoding_dtype(tmp_path):

@@ -51,29 +51,108 @@ PLAIN_MODULES = (Decoder, nn.ModuleList, nn.Embedding, nn.Linear, nn.LayerNorm, 
                  Attention, MLP)
 
 
-class OneTokenStep:
-    """Decoder.hidden_states for one new token per row after the KV cache, in fewer small tensor ops.
+class Product:
+    """A linear layer's product for decoding rows, its weight laid out for the way a CPU streams it fastest.
 
-    At batch 1 a step is a few dozen matrix-vector products and a couple of hundred small ops, each of which costs
-    microseconds to dispatch whatever its size. Here the rows are [B, hidden]; the rotary angles of every position
-    and the padding mask are made once per generation and looked up per step; rotary is a gather and two products
-    (blocks.apply_rotary's products, so the same bits in float32); grouped-query attention reads each key/value
-    head in place instead of a repeated copy of the cache.
+    A decoding step reads every weight once, so a product's speed is how fast it streams its weight
+    (bench/generation.py, 2-core EPYC, weights out of cache, one row): one matrix-vector product keeps one core
+    busy and reads 12-23 GB/s, while the memory feeds two cores at once nearly twice that. So the weight is cut
+    into `parts` slices of its outputs, one per thread, multiplied by one batched product (`bmm` runs its batch
+    on the threads): 26-31 GB/s. Each slice is stored so that its contiguous rows are the longer side: [in, out]
+    for a wide product (512 -> 2048: 29 GB/s against 24 for [out, in]), [out, in] for a tall one (2048 -> 512:
+    29 against 18).
     """
 
-    def __init__(self, model: Decoder, cache: list[KVCache], padding: torch.Tensor | None):
-        """padding [B, max_len]: 1 for real tokens over every position the generation reaches, or None."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int = 1):
+        """weight [out, in] and bias [out] (or None), as nn.Linear holds them; parts: slices of the outputs."""
+        out, width = weight.shape
+        self.out, self.wide = out, out > width
+        padding = -out % parts  # zero rows, so that the slices are equal; their outputs are cut off
+        if padding:
+            weight = torch.cat([weight, weight.new_zeros(padding, width)])
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(padding)])
+        slices = weight.reshape(parts, -1, width)
+        self.weight = slices.transpose(1, 2).contiguous() if self.wide else slices.contiguous()
+        self.bias = None if bias is None else bias.reshape(parts, 1, -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in] -> [B, out]."""
+        rows = x.expand(self.weight.shape[0], *x.shape)
+        weight = self.weight if self.wide else self.weight.transpose(1, 2)
+        y = torch.bmm(rows, weight) if self.bias is None else torch.baddbmm(self.bias, rows, weight)
+        y = y.transpose(0, 1).reshape(x.shape[0], -1)
+        return y if y.shape[1] == self.out else y[:, : self.out]
+
+
+def folded_product(reads: list[tuple[nn.Module, list[nn.Linear]]], parts: int) -> Product:
+    """Linears that read norm(x) for a (norm, linears) pair each, stacked into one product of the normalised x
+    (without any affine): each norm's scale is folded into its linears' weights (W * scale) and its shift into
+    their biases (b + W @ shift), in fp32."""
+    weights, biases = [], []
+    for norm, linears in reads:
+        for linear in linears:
+            weight = linear.weight.float()
+            bias = linear.bias.float() if linear.bias is not None else None
+            if getattr(norm, "bias", None) is not None:
+                bias = weight @ norm.bias.float() + (bias if bias is not None else 0)
+            weights.append(weight * norm.weight.float())
+            biases.append(bias)
+    dtype = reads[0][1][0].weight.dtype
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
+    return Product(torch.cat(weights).to(dtype), None if bias is None else bias.to(dtype), parts)
+
+
+def joined_product(linears: list[nn.Linear], parts: int) -> Product:
+    """Linears whose outputs are summed, as one product of their inputs laid side by side."""
+    biases = [linear.bias for linear in linears if linear.bias is not None]
+    return Product(torch.cat([linear.weight for linear in linears], dim=1), sum(biases) if biases else None, parts)
+
+
+class OneTokenStep:
+    """Decoder.hidden_states for one new token per row after the KV cache, in fewer, larger products.
+
+    At batch 1 a step reads every weight once, so its speed is how fast its products stream their weights, plus
+    a couple of hundred small ops that cost microseconds each whatever their size. Here the products are as few
+    and as large as the block allows, each in its fastest layout (`Product`): the norms' affine scales and shifts
+    are folded into the products that read them; in a parallel block (GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)) the
+    QKV and MLP-in products then read the same normalised x, so they are one product, and the attention's output
+    and the MLP's down products, whose outputs are summed, are another; a SwiGLU MLP's gate and up are one. Folding
+    rounds differently from the layers' own products: the logits agree to float32 precision, not bit for bit. The
+    products' weights are copies made once per generation: while decoding, the blocks' weights are held twice.
+
+    The rows are [B, hidden]; the rotary angles of every position and the padding mask are made once per
+    generation and looked up per step; rotary is a gather and two products (blocks.apply_rotary's products);
+    grouped-query attention reads each key/value head in place instead of a repeated copy of the cache.
+    """
+
+    def __init__(self, model: Decoder, cache: list[KVCache], padding: torch.Tensor | None, parts: int):
+        """padding [B, max_len]: 1 for real tokens over every position the generation reaches, or None; parts:
+        the slices of each product (Product)."""
         self.model, self.cache = model, cache
         c = model.config
         self.heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
+        self.qkv_size = (c.n_heads + 2 * c.kv_heads) * c.head_dim
+        self.mlp_in_size = c.intermediate_size * (2 if c.mlp == "swiglu" else 1)
+        self.norm, self.norm_eps, self.swiglu = c.norm, c.norm_eps, c.mlp == "swiglu"
+        self.blocks = [(block.parallel, self.products(block, parts)) for block in model.blocks]
         device = model.lm_head.weight.device
-        # SDPA's boolean mask, True = attend: [B, 1, 1, max_len], sliced to the filled length each step.
-        self.mask = None if padding is None else padding.bool()[:, None, None, :]
+        B, max_len = cache[0].keys.shape[0], cache[0].keys.shape[2]
+        self.grouped = c.kv_heads != c.n_heads
+        if self.grouped:
+            # Added to the scores [B * kv_heads, queries per key/value head, positions]: -inf at padding.
+            attend = padding.bool() if padding is not None else torch.ones(B, max_len, dtype=torch.bool, device=device)
+            mask = torch.zeros(B, max_len, device=device).masked_fill(~attend, float("-inf"))
+            self.mask = mask.repeat_interleave(c.kv_heads, 0)[:, None, :].to(model.lm_head.weight.dtype)
+        else:
+            # SDPA's boolean mask, True = attend: [B, 1, 1, max_len], sliced to the filled length each step.
+            self.mask = None if padding is None else padding.bool()[:, None, None, :]
         if model.rotary is not None:
             # The angles of every position the generation can reach (positions count real tokens, so they stay
             # below the cache's length), looked up per step. rotate_half is a gather with signs: dims [a | b | rest]
             # -> [-b | a | rest] times sin; the unrotated dims get cos 1 and sin 0, so they pass through exactly.
-            max_len, half = cache[0].keys.shape[2], model.rotary.dim // 2
+            half = model.rotary.dim // 2
             cos, sin = (table.view(max_len, -1) for table in model.rotary(torch.arange(max_len)[None].to(device)))
             sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
             rest = c.head_dim - 2 * half
@@ -82,28 +161,51 @@ class OneTokenStep:
             index = torch.arange(c.head_dim, device=device)
             self.rotate_index = torch.cat([index[half : 2 * half], index[:half], index[2 * half :]])
 
-    def attention(self, attn: Attention, x, rotation, mask, cache: KVCache) -> torch.Tensor:
-        B = x.shape[0]
-        heads = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, -1, self.head_dim)
-        queries_and_keys, values = heads.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
+    @staticmethod
+    def products(block: Block, parts: int) -> dict[str, Product]:
+        attn, mlp = block.attn, block.mlp
+        mlp_in = [mlp.gate, mlp.up] if mlp.kind == "swiglu" else [mlp.up]
+        if block.parallel:
+            return {"in": folded_product([(block.norm1, [attn.qkv]), (block.norm2, mlp_in)], parts),
+                    "out": joined_product([attn.proj, mlp.down], parts)}
+        return {"in": folded_product([(block.norm1, [attn.qkv])], parts),
+                "proj": Product(attn.proj.weight, attn.proj.bias, parts),
+                "mlp_in": folded_product([(block.norm2, mlp_in)], parts),
+                "down": Product(mlp.down.weight, mlp.down.bias, parts)}
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The block norm without its scale and shift (folded into the products that read it)."""
+        if self.norm == "layernorm":
+            return F.layer_norm(x, x.shape[-1:], eps=self.norm_eps)
+        # As RMSNorm: in fp32, cast back before the (folded) scale.
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.norm_eps).to(x.dtype)
+
+    def attention(self, qkv: torch.Tensor, rotation, mask, cache: KVCache) -> torch.Tensor:
+        """qkv [B, (heads + 2 kv_heads) * head_dim] -> the attention's output [B, heads * head_dim]."""
+        B = qkv.shape[0]
+        queries_and_keys, values = qkv.view(B, -1, self.head_dim).split([self.heads + self.kv_heads, self.kv_heads],
+                                                                         dim=1)
         if rotation is not None:
             cos, sin = rotation
             turned = queries_and_keys.float()
-            queries_and_keys = (turned * cos + turned[..., self.rotate_index] * sin).to(x.dtype)
+            queries_and_keys = (turned * cos + turned.index_select(-1, self.rotate_index) * sin).to(qkv.dtype)
         queries, keys = queries_and_keys.split([self.heads, self.kv_heads], dim=1)
         keys, values = cache.update(keys.unsqueeze(2), values.unsqueeze(2))
-        y = F.scaled_dot_product_attention(queries.unsqueeze(2), keys, values, attn_mask=mask,
-                                           enable_gqa=self.kv_heads != self.heads)
-        return F.linear(y.view(B, -1), attn.proj.weight, attn.proj.bias)
+        if not self.grouped:
+            return F.scaled_dot_product_attention(queries.unsqueeze(2), keys, values, attn_mask=mask).view(B, -1)
+        # SDPA's grouped-query path on a CPU copies the cache once per query head (repeat_interleave); one product
+        # per key/value head and its group of queries reads the cache in place, 2-4x faster.
+        groups, length = B * self.kv_heads, keys.shape[2]
+        scores = torch.baddbmm(mask, queries.reshape(groups, -1, self.head_dim),
+                               keys.reshape(groups, length, self.head_dim).transpose(1, 2), alpha=self.head_dim**-0.5)
+        weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
+        return torch.bmm(weights, values.reshape(groups, length, self.head_dim)).view(B, -1)
 
-    @staticmethod
-    def feed_forward(mlp: MLP, x) -> torch.Tensor:
-        up = F.linear(x, mlp.up.weight, mlp.up.bias)
-        if mlp.kind == "swiglu":
-            up = F.silu(F.linear(x, mlp.gate.weight, mlp.gate.bias)) * up
-        else:
-            up = F.gelu(up)
-        return F.linear(up, mlp.down.weight, mlp.down.bias)
+    def activation(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = mlp_in.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(mlp_in)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """token [B], position [B, 1] -> the final norm's output [B, hidden] for that token."""
@@ -114,14 +216,15 @@ class OneTokenStep:
         rotation = None
         if model.rotary is not None:
             rotation = F.embedding(position, self.cos), F.embedding(position, self.sin)
-        mask = self.mask.narrow(3, 0, self.cache[0].length + 1) if self.mask is not None else None
-        for block, cache in zip(model.blocks, self.cache):
-            attn = self.attention(block.attn, block.norm1(x), rotation, mask, cache)
-            if block.parallel:
-                x = x + attn + self.feed_forward(block.mlp, block.norm2(x))
+        mask = self.mask.narrow(-1, 0, self.cache[0].length + 1) if self.mask is not None else None
+        for (parallel, products), cache in zip(self.blocks, self.cache):
+            if parallel:
+                qkv, mlp_in = products["in"](self.normalise(x)).split([self.qkv_size, self.mlp_in_size], dim=-1)
+                joined = torch.cat([self.attention(qkv, rotation, mask, cache), self.activation(mlp_in)], dim=-1)
+                x = x + products["out"](joined)
             else:
-                x = x + attn
-                x = x + self.feed_forward(block.mlp, block.norm2(x))
+                x = x + products["proj"](self.attention(products["in"](self.normalise(x)), rotation, mask, cache))
+                x = x + products["down"](self.activation(products["mlp_in"](self.normalise(x))))
         return model.norm(x)
 
 
@@ -165,23 +268,17 @@ def generate(
     was_training = model.training
     model.eval()
 
-    # The head's matmul in the layout that is fastest for the batch (bench/generation.py, CPU): for one row, a
-    # [hidden, vocab] copy made once, which the row streams in memory order (0.8 ms against 3.6 ms for nn.Linear's
-    # layout at pythia-14m's 50k vocabulary); for several rows, nn.Linear's own [vocab, hidden] weight times the
-    # rows as columns (1.8 ms against 3.6 ms for the copy at 8 rows).
-    weight = model.lm_head.weight
-    head = weight.t().contiguous() if B == 1 else None
-
-    def head_logits(hidden):
-        return hidden @ head if head is not None else (weight @ hidden.t()).t()
+    # Every product on as many cores as the matmuls use (Product); a GPU runs one product on all of its own.
+    parts = torch.get_num_threads() if input_ids.device.type == "cpu" else 1
+    head = Product(model.lm_head.weight, None, parts)
 
     def last_logits(ids, length, positions=None, kv_cache=None):
         mask = full_mask[:, :length] if padded else None
-        return head_logits(model.hidden_states(ids, mask, positions, kv_cache)[:, -1])
+        return head(model.hidden_states(ids, mask, positions, kv_cache)[:, -1])
 
     one_token = None
     if use_cache and all(type(module) in PLAIN_MODULES for module in model.modules()):
-        one_token = OneTokenStep(model, cache, full_mask if padded else None)
+        one_token = OneTokenStep(model, cache, full_mask if padded else None, parts)
     tokens = input_ids
     logits = last_logits(input_ids, P, positions, cache)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -196,7 +293,7 @@ def generate(
             break
         length = P + step + 1
         if one_token is not None:
-            logits = head_logits(one_token(token, next_position))
+            logits = head(one_token(token, next_position))
             next_position += 1
         elif use_cache:
             logits = last_logits(token[:, None], length, next_position, cache)
