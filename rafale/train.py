@@ -72,11 +72,13 @@ def check_model(config: RunFile) -> None:
 
 
 def build_language_model(config: RunFile, prepared: PreparedData,
-                         before_transforms: Optional[Callable[[torch.nn.Module], None]] = None) -> torch.nn.Module:
+                         before_transforms: Optional[Callable[[torch.nn.Module], None]] = None,
+                         say: Optional[Callable[[str], None]] = None) -> torch.nn.Module:
     """The model of the run file's preset and overrides, sized to the tokenizer, with what the task adds (an
     encoder's head), pretrained weights if asked, then the run file's transforms (`before_transforms` sees it just
     before). A pretrained model keeps the architecture of its folder's config.json (the run file's overrides,
-    dropout say, still apply)."""
+    dropout say, still apply). `say` prints what the build tells (the console by default)."""
+    say = say or _say
     check_model(config)
     overrides = config.model.overrides()
     tokenizer_vocab = prepared.tokenizer.get_vocab_size()
@@ -107,12 +109,12 @@ def build_language_model(config: RunFile, prepared: PreparedData,
     if config.model.use_pretrained:
         fresh = load_weights(model, config.model.pretrained_path)
         if fresh:
-            _say(f"model: {', '.join(fresh)} not in {config.model.pretrained_path}: they start as initialised")
+            say(f"model: {', '.join(fresh)} not in {config.model.pretrained_path}: they start as initialised")
     if before_transforms is not None and config.transforms:
         before_transforms(model)
     # A head the pretrained folder lacked keeps training when a transform freezes the rest.
     model = transforms.apply(model, [rule.as_dict() for rule in config.transforms], keep_trainable=tuple(fresh),
-                             say=_say)
+                             say=say)
     if config.run.neftune_alpha:
         neftune.add_noise(model, config.run.neftune_alpha)
     return model
@@ -122,7 +124,8 @@ def starting_model(config: RunFile, prepared: PreparedData) -> torch.nn.Module:
     """A fresh copy of the model the run starts from (the same seed, weights and transforms as the one it trains),
     on the run's device: a preference run's reference."""
     reproducibility.seed_all(config.run.seed)
-    model = build_language_model(config, prepared)
+    # Built as the trained model was, which has told already what its build tells.
+    model = build_language_model(config, prepared, say=lambda message: None)
     device, _ = _device_and_precision(config)
     return model.to("cuda") if device == "gpu" else model
 
@@ -435,7 +438,8 @@ def debug_run(config: RunFile) -> bool:
     one_batch = DataLoader(first_rows, batch_size=rows, collate_fn=train_loader.collate_fn,
                            sampler=dist.get_sampler(first_rows, shuffle=False, drop_last=True))
     reproducibility.seed_all(config.run.seed)
-    model = build_language_model(config, prepared)
+    # Built as the trained model was, which has told already what its build tells.
+    model = build_language_model(config, prepared, say=lambda message: None)
     steps = config.run.debug_steps
     target = config.task.debug_target
     history = LossHistory(stop_below=target)

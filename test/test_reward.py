@@ -153,3 +153,29 @@ def test_a_language_model_run_refuses_a_reward_model_to_start_from(reward_run, t
     config = load_run_file(path)
     with pytest.raises(RafaleError, match=r"holds a reward model .* data.pipeline 'preference' trains a language"):
         build_language_model(config, prepare_data(config))
+
+
+def test_a_new_score_head_is_announced_once(tmp_path, monkeypatch):
+    """A reward run on a language model's folder says once that its score head starts as initialised: the copy of
+    the starting model that the task scores for its "before" figures is built without a word."""
+    from rafale.data import prepare_data
+    from rafale.models import build_model, save_pretrained
+    from rafale.train import build_language_model, starting_model
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
+    said: list[str] = []
+    monkeypatch.setattr("rafale.train._say", said.append)
+    path = config_for(tmp_path, "reward", {}, "reward")
+    raw = yaml.safe_load(path.read_text())
+    del raw["data"]["config"]["eval_examples"]
+    path.write_text(yaml.safe_dump(raw))
+    prepared = prepare_data(load_run_file(path))
+    save_pretrained(build_model("pythia-tiny", {"vocab_size": 384}), tmp_path / "lm", tokenizer=prepared.tokenizer)
+    raw["model"].update(use_pretrained=True, pretrained_path=str(tmp_path / "lm"))
+    path.write_text(yaml.safe_dump(raw))
+    config = load_run_file(path)
+    prepared = prepare_data(config)
+    build_language_model(config, prepared)
+    starting_model(config, prepared)
+    assert [line for line in said if "start as initialised" in line] == [
+        f"model: score.weight not in {tmp_path / 'lm'}: they start as initialised"]
