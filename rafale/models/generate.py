@@ -188,7 +188,8 @@ class OneTokenStep:
         if rotation is not None:
             cos, sin = rotation
             turned = queries_and_keys.float()
-            queries_and_keys = torch.addcmul(turned * cos, turned.index_select(-1, self.rotate_index), sin).to(qkv.dtype)
+            turned = torch.addcmul(turned * cos, turned.index_select(-1, self.rotate_index), sin)
+            queries_and_keys = turned.to(qkv.dtype)
         queries, keys = queries_and_keys.split([self.heads, self.kv_heads], dim=1)
         keys, values = cache.update(keys.unsqueeze(2), values.unsqueeze(2))
         if not self.grouped:
