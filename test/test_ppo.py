@@ -15,7 +15,7 @@ from test_sft import write_jsonl
 
 from rafale.config import load_run_file
 from rafale.errors import RafaleError
-from rafale.tasks.ppo import PPOSettings, advantages_and_returns, ppo_terms
+from rafale.tasks.ppo import PPOSettings, advantages_and_returns, ppo_episode, ppo_terms
 
 
 def _settings(**values):
@@ -73,12 +73,14 @@ def test_the_clipped_loss_equals_the_hand_computed_vector():
     #   A = -1, ratio 3:   max(3, 2)          = 3      not clipped
     #   A = -1, ratio 1/4: max(0.25, 0.5)     = 0.5    clipped (below)
     # Value loss 0.5 (0.5 - 1)^2 = 0.125 on every row; KL 0.5 (ln 3)^2 and 0.5 (ln 4)^2.
-    settings = _settings(cliprange=0.5, gamma=0.99, lam=0.95, value_coef=0.01, kl_coef=0.1)
+    settings = _settings(cliprange=0.5, gamma=0.99, lam=0.95, value_coef=0.01, kl_coef=0.1, cliprange_value=0.2)
     log_ratios = torch.tensor([math.log(3), -math.log(4), math.log(3), -math.log(4)])[:, None]
     reference = torch.full((4, 1), -2.0)
     values = torch.tensor([0.5, 0.5, -0.5, -0.5])[:, None].requires_grad_()
-    terms = ppo_terms(settings, reference + log_ratios, reference, values, torch.tensor([1.0, 1.0, -1.0, -1.0]),
-                      torch.ones(4, 1, dtype=torch.bool))
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    episode = ppo_episode(settings, values, torch.tensor([1.0, 1.0, -1.0, -1.0]), mask)
+    assert torch.allclose(episode["returns"][:, 0], torch.tensor([1.0, 1.0, -1.0, -1.0]))
+    terms = ppo_terms(settings, reference + log_ratios, reference, values, episode, mask)
     policy = torch.tensor([-2.0, -0.25, 3.0, 0.5])
     kl = 0.5 * torch.tensor([math.log(3) ** 2, math.log(4) ** 2, math.log(3) ** 2, math.log(4) ** 2])
     assert torch.allclose(terms["policy"][:, 0], policy, atol=1e-6)
@@ -89,6 +91,52 @@ def test_the_clipped_loss_equals_the_hand_computed_vector():
     # The value loss trains the values towards the returns: d/dV 0.01 * 0.5 (V - R)^2 = 0.01 (V - R).
     terms["loss"].sum().backward()
     assert torch.allclose(values.grad[:, 0], 0.01 * torch.tensor([-0.5, -0.5, 0.5, 0.5]), atol=1e-7)
+
+    # A later step of the same batch (ppo_epochs > 1): the values have moved to 1.2, 0.6, -0.2, -1.0 from the
+    # episode's 0.5, 0.5, -0.5, -0.5 (returns 1, 1, -1, -1); cliprange_value 0.2 keeps a clipped copy near the old:
+    #   1.2:  (1.2 - 1)^2 = 0.04,   clipped 0.7:  (0.7 - 1)^2 = 0.09   -> 0.5 * 0.09 = 0.045, no gradient (clipped)
+    #   0.6:  (0.6 - 1)^2 = 0.16,   clipped 0.6:  the same             -> 0.08, gradient 0.01 * (0.6 - 1)
+    #   -0.2: (-0.2 + 1)^2 = 0.64,  clipped -0.3: (0.7)^2 = 0.49       -> 0.32, gradient 0.01 * (-0.2 + 1)
+    #   -1.0: 0,                    clipped -0.7: (0.3)^2 = 0.09       -> 0.045, no gradient (clipped)
+    moved = torch.tensor([1.2, 0.6, -0.2, -1.0])[:, None].requires_grad_()
+    terms = ppo_terms(settings, reference, reference, moved, episode, mask)
+    assert torch.allclose(terms["value"][:, 0], torch.tensor([0.045, 0.08, 0.32, 0.045]), atol=1e-6)
+    terms["loss"].sum().backward()
+    assert torch.allclose(moved.grad[:, 0], 0.01 * torch.tensor([0.0, -0.4, 0.8, 0.0]), atol=1e-7)
+
+
+def test_each_batch_comes_ppo_epochs_times_in_a_row_with_its_first_episode(cached, monkeypatch):
+    from rafale.data.repeat import RepeatedBatches
+    from rafale.train import starting_model
+
+    sampler = RepeatedBatches(list(range(10)), 4, 2, shuffle=False, num_replicas=1, rank=0)
+    assert list(sampler) == [0, 1, 2, 3] * 2 + [4, 5, 6, 7] * 2 and len(sampler) == 16  # 8, 9: a short batch
+    sampler = RepeatedBatches(list(range(12)), 3, 3, shuffle=True, seed=1, num_replicas=1, rank=0)
+    sampler.set_epoch(1)
+    dealt = list(sampler)
+    assert all(dealt[i:i + 3] == dealt[i + 3:i + 6] == dealt[i + 6:i + 9] for i in range(0, 36, 9))
+    assert sorted(dealt[::9][:4]) != [0, 3, 6, 9]  # shuffled
+
+    config, prepared = cached.config, cached.prepared
+    task, settings = config.task, config.data.config
+    monkeypatch.setattr(settings, "ppo_epochs", 2)
+    policy = starting_model(config, prepared)
+    batch = _first_batch(config, prepared)
+    first = task.outputs(policy, batch, training=True)
+    with torch.no_grad():
+        noise = torch.randn(policy.value.weight.shape, generator=torch.Generator().manual_seed(3))
+        policy.value.weight.add_(0.5 * noise)
+    second = task.outputs(policy, batch, training=True)
+    assert task._episodes == {}  # the batch's two steps are over
+    # The second step's value loss is against the first step's values and returns, clipped around the former.
+    mask = first["mask"]
+    scores = torch.where(first["desirable"], 1.0, -1.0)
+    episode = ppo_episode(settings, first["values"], scores, mask)
+    expected = ppo_terms(settings, -torch.ones_like(first["kl"]), -torch.ones_like(first["kl"]), second["values"],
+                         episode, mask)["value"]
+    assert torch.allclose(second["value"], expected, atol=1e-6)
+    fresh = task.outputs(policy, batch)
+    assert not torch.allclose(fresh["value"], second["value"], atol=1e-4)
 
 
 def _plain_loss(settings, log_probs, reference, values, labels, desirable):
@@ -237,6 +285,7 @@ def test_the_export_is_the_plain_language_model(cached, tmp_path):
     ({"cliprange": 1.5}, r"cliprange"),
     ({"beta": 0.1}, r"beta"),
     ({"gamma": -0.1}, r"gamma"),
+    ({"ppo_epochs": 0}, r"ppo_epochs"),
 ])
 def test_bad_ppo_settings_are_refused_when_the_run_file_is_read(tmp_path, data, message):
     with pytest.raises(RafaleError, match=message):

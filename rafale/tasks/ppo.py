@@ -7,32 +7,34 @@ pass of the blocks gives the log-prob of every response token and a value at eve
 model the run starts from; its log-prob of every response token is cached before training (tasks/reference.py,
 kind "tokens") or computed each step (`reference: live`).
 
-Per response token t of a sequence (the positions whose next token is labelled, in order; the last one predicts
-EOS), with logp_t the policy's log-prob of the token, logq_t the reference's and V_t the value (detached where it
-is an input to the targets):
+Each training batch is used for `ppo_epochs` optimizer steps in a row (data/repeat.py deals it that many times).
+Its episode is fixed at the first: the values then, V_old, give the advantages and the returns, which the later
+steps reuse. Per response token t of a sequence (the positions whose next token is labelled, in order; the last one
+predicts EOS), with logp_t the policy's log-prob of the token, logq_t the reference's and V_t the value:
 
 - reward:     r_t = +1 (desirable) or -1 (undesirable) at the last response token, 0 elsewhere
-- GAE:        delta_t = r_t + gamma V_{t+1} - V_t (V after the last token is 0), A_t = delta_t + gamma lam A_{t+1}
-- returns:    R_t = A_t + V_t, the value target
+- GAE:        delta_t = r_t + gamma V_old_{t+1} - V_old_t (0 after the last token), A_t = delta_t + gamma lam A_{t+1}
+- returns:    R_t = A_t + V_old_t, the value target
 - whitened:   A_t <- (A_t - mean A) / sqrt(var A + 1e-8), over the microbatch's response tokens (var: population)
 - ratio:      rho_t = exp(logp_t - logq_t), the policy against the reference
 - policy:     max(-A_t rho_t, -A_t clip(rho_t, cliprange, 1 / cliprange))
-- value:      0.5 (V_t - R_t)^2
+- value:      0.5 max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -cliprange_value, cliprange_value) - R_t)^2)
 - KL penalty: 0.5 (logp_t - logq_t)^2
 - loss:       mean over the microbatch's response tokens of policy + value_coef value + kl_coef KL
 
-Defaults are HALOs': cliprange 0.5, gamma 0.99, lam 0.95, value_coef 0.01 (its critic_coef), kl_coef 0.1. Where
-rafale differs, and why:
+Defaults are HALOs': ppo_epochs 1, cliprange 0.5, gamma 0.99, lam 0.95, value_coef 0.01 (its critic_coef), kl_coef
+0.1; cliprange_value 0.2 is TRL's (HALOs does not clip values). With one step per batch, V_old is the current value
+and the value clipping never binds. Where rafale differs from HALOs, and why:
 
 - The value target is the GAE return R_t. HALOs regresses on the discounted sum of the rewards after t, which leaves
   out r_t itself: the last token's target is 0 whatever the label, while its advantage counts the label.
 - The KL penalty is 0.5 (logp - logq)^2. HALOs' mean(logq - logp) estimates KL only on the policy's own samples; on
   offline data its gradient is the negative log-likelihood of every completion, undesirable ones too. The squared
   log-ratio is 0 at the reference and pulls back from either side.
-- No `ppo_epochs`: HALOs' epochs over a batch accumulate gradients before one optimizer step, with the values and
-  advantages fixed, so they scale the gradient and nothing else (the learning rate does that here). For the same
-  reason there is no value clipping: with one step per batch the values the targets were computed from are the
-  current ones, and clipping around them never binds.
+- `ppo_epochs` are optimizer steps. HALOs' epochs over a batch accumulate gradients before one step, with the
+  values and advantages fixed, so they only scale the gradient; PPO's epochs step between passes, which is what
+  makes clipping around V_old mean anything. A run's `max_duration` in batches counts every repeat, and each epoch
+  of the data leaves out its last short batch.
 - GAE skips positions without a label (a chat's earlier turns): a sequence's response tokens are one episode.
 
 Dropout is off, so that at step 0 the policy is its reference: every ratio is exactly 1 and the policy term
@@ -68,8 +70,12 @@ class PPOSettings(PreferenceBase):
 
     # No inverse temperature: the rewards are the labels' +1 and -1.
     beta: ClassVar[float] = 1.0
+    # Optimizer steps in a row on each batch, its advantages and value targets fixed at the first.
+    ppo_epochs: Annotated[int, Field(ge=1)] = 1
     # The ratio against the reference is clipped to [cliprange, 1 / cliprange].
     cliprange: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    # A value moves at most this far from the batch's first values before its loss stops pulling it.
+    cliprange_value: Annotated[float, Field(gt=0)] = 0.2
     # GAE's discount and its lambda.
     gamma: Annotated[float, Field(ge=0, le=1)] = 0.99
     lam: Annotated[float, Field(ge=0, le=1)] = 0.95
@@ -88,6 +94,15 @@ class OfflinePPO(KTO):
     metric_names = {"PreferenceLoss": "loss", "PolicyLoss": "policy loss", "ValueLoss": "value loss",
                     "ClipFraction": "clip fraction", "ApproxKL": "approx KL", "Value": "value",
                     "ChosenReward": "desirable log-ratio", "RejectedReward": "undesirable log-ratio"}
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        # The episodes (old values, advantages, returns) of the microbatches whose ppo_epochs are not over, by
+        # their contents' digest, with the steps each has left.
+        self._episodes: dict[str, list] = {}
+
+    def batch_repeats(self, settings: PPOSettings) -> int:
+        return settings.ppo_epochs
 
     def check_settings(self, settings: PPOSettings, where: str) -> None:
         # KTO's KL estimate needs two examples a microbatch; PPO's terms are per token.
@@ -144,7 +159,8 @@ class OfflinePPO(KTO):
             return self.live_reference(model, batch)
         return None
 
-    def outputs(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def outputs(self, model: torch.nn.Module, batch: dict, training: bool = False) -> dict[str, torch.Tensor]:
+        """The per-token terms of a batch; `training`: its episode fixed at its first of ppo_epochs steps."""
         import torch
 
         from rafale.tasks.causal_lm import next_token_labels
@@ -159,11 +175,33 @@ class OfflinePPO(KTO):
             raise RafaleError("the reference log-probs are missing: the run did not compute them before training")
         desirable = batch["desirable"].bool()
         scores = torch.where(desirable, 1.0, -1.0).to(values.device)
-        terms = ppo_terms(self.settings, -token_losses.float(), reference, values, scores, self.response_mask(batch))
+        mask = self.response_mask(batch)
+        if training:
+            episode = self._episode(batch, lambda: ppo_episode(self.settings, values, scores, mask))
+        else:
+            episode = ppo_episode(self.settings, values, scores, mask)
+        terms = ppo_terms(self.settings, -token_losses.float(), reference, values, episode, mask)
         return {**terms, "desirable": desirable}
 
+    def _episode(self, batch: dict, compute: Callable[[], dict]) -> dict[str, torch.Tensor]:
+        """The microbatch's episode: computed at its first step, reused for its other ppo_epochs - 1."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in ("input_ids", LABELS, "desirable"):
+            digest.update(batch[name].detach().cpu().numpy().tobytes())
+        key = digest.hexdigest()
+        if key not in self._episodes:
+            self._episodes[key] = [compute(), self.settings.ppo_epochs]
+        episode, left = self._episodes[key]
+        if left == 1:
+            del self._episodes[key]
+        else:
+            self._episodes[key][1] = left - 1
+        return episode
+
     def train_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        outputs = self.outputs(model, batch)
+        outputs = self.outputs(model, batch, training=True)
         self._remember(outputs)
         return outputs["loss"].sum() / outputs["mask"].sum().clamp(min=1)
 
@@ -235,11 +273,10 @@ def whitened(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
 
 
-def ppo_terms(settings: PPOSettings, policy: torch.Tensor, reference: torch.Tensor, values: torch.Tensor,
-              scores: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per response token [B, T]: the loss and its policy, value and KL terms, whether clipping binds, the values
-    and the log-ratio, from the policy's and the reference's log-probs [B, T], the values [B, T], each row's score
-    [B] (+1 or -1) and the response mask [B, T] (the module docstring has the formulas)."""
+def ppo_episode(settings: PPOSettings, values: torch.Tensor, scores: torch.Tensor,
+                mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a batch's ppo_epochs share, [B, T] each, from its values [B, T] at the first, each row's score [B] (+1
+    or -1) and the response mask [B, T]: the old values, the whitened advantages and the returns."""
     import torch
 
     mask = mask.bool()
@@ -247,19 +284,32 @@ def ppo_terms(settings: PPOSettings, policy: torch.Tensor, reference: torch.Tens
     last = (positions * mask).argmax(-1)
     rewards = torch.zeros_like(values, dtype=torch.float32)
     rewards[torch.arange(len(last), device=mask.device), last] = scores.float() * mask.any(-1)
-    with torch.no_grad():
-        advantages, returns = advantages_and_returns(rewards, values.detach(), mask, settings.gamma, settings.lam)
-        advantages = whitened(advantages, mask)
+    old_values = values.detach().float() * mask
+    advantages, returns = advantages_and_returns(rewards, old_values, mask, settings.gamma, settings.lam)
+    return {"values": old_values, "advantages": whitened(advantages, mask), "returns": returns}
+
+
+def ppo_terms(settings: PPOSettings, policy: torch.Tensor, reference: torch.Tensor, values: torch.Tensor,
+              episode: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per response token [B, T]: the loss and its policy, value and KL terms, whether the ratio's clipping binds,
+    the values and the log-ratio, from the policy's and the reference's log-probs [B, T], the values [B, T], the
+    batch's episode (ppo_episode) and the response mask [B, T] (the module docstring has the formulas)."""
+    import torch
+
+    mask = mask.bool()
+    advantages, returns, old_values = episode["advantages"], episode["returns"], episode["values"]
     log_ratio = (policy - reference) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(settings.cliprange, 1 / settings.cliprange)
     policy_loss = torch.max(unclipped, clipped)
-    value_loss = 0.5 * (values.float() - returns) ** 2
+    values = values.float()
+    kept_near = old_values + (values - old_values).clamp(-settings.cliprange_value, settings.cliprange_value)
+    value_loss = 0.5 * torch.max((values - returns) ** 2, (kept_near - returns) ** 2)
     kl = 0.5 * log_ratio ** 2
     loss = (policy_loss + settings.value_coef * value_loss + settings.kl_coef * kl) * mask
     return {"loss": loss, "policy": policy_loss * mask, "value": value_loss * mask, "kl": kl,
-            "clipped": (clipped > unclipped).float() * mask, "values": values.detach().float() * mask,
+            "clipped": (clipped > unclipped).float() * mask, "values": values.detach() * mask,
             "log_ratio": log_ratio, "mask": mask}
 
 
