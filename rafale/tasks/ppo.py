@@ -176,7 +176,7 @@ class OfflinePPO(KTO):
         desirable = batch["desirable"].bool()
         scores = torch.where(desirable, 1.0, -1.0).to(values.device)
         mask = self.response_mask(batch)
-        if training:
+        if training and self.settings.ppo_epochs > 1:
             episode = self._episode(batch, lambda: ppo_episode(self.settings, values, scores, mask))
         else:
             episode = ppo_episode(self.settings, values, scores, mask)

@@ -1,4 +1,4 @@
-"""The reference of preference tuning: the model the run starts from, and its sequence log-probs.
+"""The reference of preference tuning: the model the run starts from, and its log-probs (per sequence or per token).
 
 `cached` (the default): the reference's log-probs of every row are computed once, in one pass before training, in
 fp32, and stored beside the prepared data in a folder `<cache>/data/<prepared folder>.reference-<hash16>`
