@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from test_preference import config_for, prepared_with_reference
-from test_sft import write_jsonl
+from test_sft import rafale, write_jsonl
 
 from rafale.config import load_run_file
 from rafale.errors import RafaleError
@@ -290,3 +290,16 @@ def test_the_export_is_the_plain_language_model(cached, tmp_path):
 def test_bad_ppo_settings_are_refused_when_the_run_file_is_read(tmp_path, data, message):
     with pytest.raises(RafaleError, match=message):
         load_run_file(config_for(tmp_path, "ppo-bad", data, "ppo"))
+
+
+def test_a_ppo_run_trains_on_repeated_batches_and_exports_the_plain_language_model(tmp_path):
+    data = {"dataset_path": str(write_jsonl(tmp_path / "kto.jsonl", RECORDS)), "ppo_epochs": 2}
+    path = config_for(tmp_path, "run-ppo", data, "ppo")
+    result = rafale(tmp_path / "cache", "-c", str(path), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[batch 4/4] loss" in result.stdout and "clip fraction" in result.stdout
+    assert "held-out clip fraction: 0.0000 before" in result.stdout, result.stdout[-2000:]
+    assert "held-out exact match of greedy answers:" in result.stdout
+    model = tmp_path / "runs" / "run-ppo" / "model"
+    assert json.loads((model / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
+    assert not any(name.startswith("value") for name in load_file(str(model / "model.safetensors")))
