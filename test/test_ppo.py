@@ -303,3 +303,31 @@ def test_a_ppo_run_trains_on_repeated_batches_and_exports_the_plain_language_mod
     model = tmp_path / "runs" / "run-ppo" / "model"
     assert json.loads((model / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
     assert not any(name.startswith("value") for name in load_file(str(model / "model.safetensors")))
+
+
+def test_with_lora_the_value_head_trains_and_the_live_reference_is_the_policy_with_its_adapters_off():
+    from rafale import transforms
+    from rafale.models import build_model
+    from rafale.tasks.ppo import OfflinePPO, TokenCollator
+    from rafale.tasks.reference import live_reference
+
+    torch.manual_seed(0)
+    base = build_model("pythia-tiny", {"vocab_size": 64, "value_head": True}).eval()
+    rules = [{"modules": "attention", "kind": "lora"}]
+    policy = transforms.apply(build_model("pythia-tiny", {"vocab_size": 64, "value_head": True}), rules,
+                              keep_trainable=("value.weight",), say=lambda _: None).eval()
+    policy.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for module in transforms.adapters(policy).values():
+            module.lora_B.normal_()  # a trained adapter
+    assert policy.value.weight.requires_grad
+    said: list[str] = []
+    task = OfflinePPO("ppo")
+    reference = live_reference(task, policy, said.append)
+    assert said == ["reference: live, the policy with its LoRA adapters off"]
+    batch = TokenCollator(1, 16)([{"input_ids": [3, 4, 5, 6], "labels": [-100, -100, 5, 6], "desirable": True},
+                                  {"input_ids": [3, 7], "labels": [-100, 7], "desirable": False}])
+    with torch.no_grad():
+        expected = task.reference_pass(base, batch)
+        assert torch.equal(reference(policy, batch), expected)
+        assert not torch.allclose(task.reference_pass(policy, batch), expected)

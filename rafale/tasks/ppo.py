@@ -34,7 +34,8 @@ and the value clipping never binds. Where rafale differs from HALOs, and why:
 - `ppo_epochs` are optimizer steps. HALOs' epochs over a batch accumulate gradients before one step, with the
   values and advantages fixed, so they only scale the gradient; PPO's epochs step between passes, which is what
   makes clipping around V_old mean anything. A run's `max_duration` in batches counts every repeat, and each epoch
-  of the data leaves out its last short batch.
+  of the data leaves out its last short batch. A run resumed between a batch's repeats computes its episode again
+  from the values it resumes with (the episodes are not in the checkpoint).
 - GAE skips positions without a label (a chat's earlier turns): a sequence's response tokens are one episode.
 
 Dropout is off, so that at step 0 the policy is its reference: every ratio is exactly 1 and the policy term
