@@ -37,7 +37,14 @@ def build_dataloaders(task: Task, prepared: PreparedData, settings: DataSettings
         dataset = rows.with_format("torch", columns=numeric)
         # drop_last in the sampler trims the training set so that every rank gets as many unique blocks;
         # evaluation keeps every block (a rank may see one twice).
-        sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
+        repeats = task.batch_repeats(settings) if split == "train" else 1
+        if repeats > 1:
+            from rafale.data.repeat import RepeatedBatches
+
+            sampler = RepeatedBatches(dataset, batch_size, repeats, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                                      num_replicas=world, rank=dist.get_global_rank())
+        else:
+            sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
                           pin_memory=torch.cuda.is_available())
 

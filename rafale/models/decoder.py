@@ -50,6 +50,9 @@ class DecoderConfig:
     # 0: a language model (the LM head). n > 0: a ScoredDecoder, n scores per sequence from a `score` head in place
     # of the LM head (a reward model: 1); the task sets it, an exported folder's architecture says it.
     num_scores: int = 0
+    # A ValuedDecoder: a value head (one scalar per position) beside the LM head, PPO's critic; the task sets it.
+    # It is training state only: the export is the plain language model.
+    value_head: bool = False
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "n_layers", "n_heads", "intermediate_size", "max_position_embeddings"):
@@ -80,6 +83,8 @@ class DecoderConfig:
                 raise RafaleError("model.rope_scaling: needs factor > 0 and high_freq_factor > low_freq_factor")
         if self.num_scores < 0:
             raise RafaleError(f"model.num_scores: must be >= 0, got {self.num_scores}")
+        if self.value_head and self.num_scores:
+            raise RafaleError("model.value_head: a reward model (num_scores) has no LM head to add a value head to")
         if not 0 <= self.dropout < 1:
             raise RafaleError(f"model.dropout: must be in [0, 1), got {self.dropout}")
 
@@ -233,3 +238,33 @@ class ScoredDecoder(Decoder):
         # Without an LM head, a tied embedding table is a lookup only.
         tied_table = self.embed.weight.numel() if self.config.tie_embeddings else 0
         return super().flops_per_token(seq_len) - 6 * tied_table
+
+
+class ValuedDecoder(Decoder):
+    """A language model with a value head: a bias-free scalar per position, read from the same last hidden state as
+    the LM head (PPO's critic, as HALOs' AutoModelForCausalLMWithValueHead). The head is not part of the Hugging
+    Face layout: saving writes the plain language model, loading a language model's folder leaves it as
+    initialised (weights.scored_names)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        self.value = nn.Linear(config.hidden_size, 1, bias=False)
+        nn.init.normal_(self.value.weight, mean=0.0, std=config.init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
+                labels: torch.Tensor | None = None, reduction: str = "mean", document_ids: torch.Tensor | None = None,
+                with_values: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decoder.forward; with `with_values`, (its output, the values [B, T] in fp32) from one pass of the
+        blocks."""
+        if not with_values:
+            return super().forward(input_ids, attention_mask, position_ids, kv_cache, labels, reduction, document_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, document_ids)
+        values = self.value(hidden)[..., 0].float()
+        if labels is None:
+            return self.lm_head(hidden), values
+        labelled = labels != IGNORE_INDEX
+        losses = linear_cross_entropy(hidden[labelled], self.lm_head.weight, labels[labelled], reduction=reduction)
+        if reduction == "none":
+            losses = losses.new_zeros(labels.shape).masked_scatter(labelled, losses)
+        return losses, values

@@ -20,13 +20,15 @@ from safetensors.torch import save_file
 from rafale.errors import RafaleError
 from rafale.models import bert, llama, pythia
 from rafale.models.bert import Encoder, EncoderConfig
-from rafale.models.decoder import Decoder, DecoderConfig, ScoredDecoder
+from rafale.models.decoder import Decoder, DecoderConfig, ScoredDecoder, ValuedDecoder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # A ScoredDecoder's head, as transformers' *ForSequenceClassification decoders name it.
 SCORE = "score.weight"
+# A ValuedDecoder's value head: training state only, never saved.
+VALUE = "value.weight"
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -42,7 +44,9 @@ def build(config: DecoderConfig | EncoderConfig) -> Decoder | Encoder:
     an encoder (bert.py)."""
     if isinstance(config, EncoderConfig):
         return Encoder(config)
-    return ScoredDecoder(config, config.num_scores) if config.num_scores else Decoder(config)
+    if config.num_scores:
+        return ScoredDecoder(config, config.num_scores)
+    return ValuedDecoder(config) if config.value_head else Decoder(config)
 
 
 def weight_names(config: DecoderConfig | EncoderConfig, family: ModuleType | None = None) -> dict:
@@ -192,8 +196,11 @@ def load_weights(model: Decoder | Encoder, folder: str | Path, new_head: bool = 
 
 def scored_names(config: DecoderConfig, located: dict, new_head: bool) -> tuple[dict, list[str]]:
     """A decoder's weight names in a folder, and the tensors left as initialised: with `new_head`, the score head
-    of a scored decoder whose folder is a language model's (a reward model's start)."""
+    of a scored decoder whose folder is a language model's (a reward model's start); always a value head, which no
+    folder holds."""
     names = weight_names(config)
+    if config.value_head:
+        return names, [VALUE]
     if new_head and config.num_scores and SCORE not in located:
         return {ours: theirs for ours, theirs in names.items() if ours != SCORE}, [SCORE]
     return names, []

@@ -9,6 +9,7 @@ from rafale.tasks.causal_lm import CausalLM
 from rafale.tasks.classification import Classification
 from rafale.tasks.kto import KTO
 from rafale.tasks.mlm import MaskedLM
+from rafale.tasks.ppo import OfflinePPO
 from rafale.tasks.preference import PairedPreference
 from rafale.tasks.reward import RewardModel
 from rafale.tasks.sft import SupervisedFineTuning
@@ -20,6 +21,7 @@ TASKS: dict[str, Task] = {
     "sft": SupervisedFineTuning("sft"),
     "preference": PairedPreference("preference"),
     "kto": KTO("kto"),
+    "ppo": OfflinePPO("ppo"),
     "reward": RewardModel("reward"),
 }
 # The original's pipeline names, kept so its run files still work.

@@ -131,6 +131,10 @@ class Task:
         """Work between the data and the Trainer: a preference task's reference log-probs, computed with
         `starting_model()` (a fresh copy of the model the run starts from) and added to the prepared rows."""
 
+    def batch_repeats(self, settings: DataSettings) -> int:
+        """How many optimizer steps in a row each training batch is used for (offline PPO's epochs over a batch)."""
+        return 1
+
     # --- what the ComposerModel computes (tasks/model.py hands Composer's calls here) --------------------------
     def metrics(self, model: torch.nn.Module) -> dict:
         raise NotImplementedError

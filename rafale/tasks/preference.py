@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 
 SYNTHETIC_PREFERENCES = SYNTHETIC_PREFIX + "preferences"
 LABELS = "labels"
-# The column of reference log-probs the cached pass adds: [chosen, second] per row, fp32.
+# The column of reference log-probs the cached pass adds, fp32: per row [chosen, second], or the log-prob of each
+# response token (PPO).
 REFERENCE_LOGPS = "reference_logps"
 PAIRED_LOSSES = ("dpo", "ipo", "simpo", "orpo")
 WITHOUT_REFERENCE = ("simpo", "orpo")
@@ -100,6 +101,8 @@ class PairedPreference(SupervisedFineTuning):
     cache_settings = ("prompt_template", "input_format", "output_format", "overflow")
     # The second sequence of a row, beside input_ids and labels.
     second = "rejected"
+    # What the reference's log-probs are (tasks/reference.py): each sequence's sum.
+    reference_kind = "sequences"
     required_columns = {"rejected_ids": "dataset_path", "rejected_labels": "dataset_path"}
     # -log sigmoid(beta h) reaches 10% of ln 2 only at a margin h of 26 nats (beta 0.1); half of ln 2 (beta h of
     # about 1 on every pair) already shows that the policy parts chosen from rejected.
@@ -204,7 +207,7 @@ class PairedPreference(SupervisedFineTuning):
                     first, _, _ = self.examples(record, where, format_settings)
                     columns[PROMPT].append(first[0][0] if not first[0][1] else "")
                     columns[REFERENCE].append("".join(text for text, trainable in first if trainable))
-                counts["tokens"] += len(row_values["input_ids"]) + len(row_values[f"{self.second}_ids"])
+                counts["tokens"] += sum(len(row_values[name]) for name in row_values if name.endswith("_ids"))
             if not columns["input_ids"]:
                 raise RafaleError(f"data.config.dataset_path: no {split} row is left to train on (see the counts: "
                                   f"{counts})")
@@ -258,6 +261,10 @@ class PairedPreference(SupervisedFineTuning):
         token_losses = model(ids, attention_mask=mask, labels=targets, reduction="none")
         sums, counts = sequence_log_probs(token_losses, targets)
         return unflat(sums), unflat(counts)
+
+    def reference_pass(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """What the reference gives for a batch (`reference_kind`): the log-probs [rows, 2] of both sequences."""
+        return self.sequence_log_probs(model, batch)[0]
 
     def reference_log_probs(self, model: torch.nn.Module, batch: dict) -> torch.Tensor | None:
         if REFERENCE_LOGPS in batch:

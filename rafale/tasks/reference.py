@@ -1,10 +1,13 @@
-"""The reference of preference tuning: the model the run starts from, and its sequence log-probs.
+"""The reference of preference tuning: the model the run starts from, and its log-probs (per sequence or per token).
 
-`cached` (the default): the reference's log-probs of every row's two sequences are computed once, in one pass before
-training, in fp32 sums with their token counts, and stored beside the prepared data in a folder
-`<cache>/data/<prepared folder>.reference-<hash16>` (`reference.safetensors` and `key.json`). The key covers the
-prepared data (its folder's name, which hashes the source, the tokenizer, the template and the truncation, and the
-splits' fingerprints and row counts), a hash of the reference weights' contents (not their path) and the precision.
+`cached` (the default): the reference's log-probs of every row are computed once, in one pass before training, in
+fp32, and stored beside the prepared data in a folder `<cache>/data/<prepared folder>.reference-<hash16>`
+(`reference.safetensors` and `key.json`). A task asks for one of two kinds (`reference_kind`): "sequences", each
+row's two sequences summed ([rows, 2] per split: paired feedback, KTO), or "tokens", the log-prob of every response
+token (PPO's ratio is per token), stored flat per split with the rows' offsets (`<split>` [tokens] and
+`<split>.offsets` [rows + 1]). The key covers the kind, the prepared data (its folder's name, which hashes the source,
+the tokenizer, the template and the truncation, and the splits' fingerprints and row counts), a hash of the reference
+weights' contents (not their path) and the precision.
 The folder is written under a temporary name and renamed when complete, so a pass killed midway is never trusted; a
 later run with the same key reuses it. A folder whose `key.json` does not match its name's key, or whose rows do not
 match the data, is refused. The reference model is freed before training starts.
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 
 REFERENCE_VERSION = 1
 TENSORS, KEY = "reference.safetensors", "key.json"
+# The suffix of a split's row offsets into its flat per-token log-probs.
+OFFSETS = ".offsets"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -51,8 +56,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def reference_key(prepared: PreparedData, model: torch.nn.Module, precision: str) -> dict[str, Any]:
-    return {"version": REFERENCE_VERSION, "data": prepared.path.name,
+def reference_key(prepared: PreparedData, model: torch.nn.Module, precision: str,
+                  kind: str = "sequences") -> dict[str, Any]:
+    return {"version": REFERENCE_VERSION, "kind": kind, "data": prepared.path.name,
             "fingerprints": {split: rows._fingerprint for split, rows in prepared.splits.items()},
             "rows": {split: len(rows) for split, rows in prepared.splits.items()},
             "weights": weights_digest(model), "precision": precision}
@@ -66,7 +72,9 @@ def reference_folder(prepared: PreparedData, key: dict[str, Any]) -> Path:
 @torch.no_grad()
 def compute_log_probs(task: PairedPreference, model: torch.nn.Module, prepared: PreparedData,
                       batch_size: int) -> dict[str, torch.Tensor]:
-    """Per split, [rows, 2] fp32 log-probs of each row's two sequences under `model`, in row order."""
+    """The task's kind of reference log-probs under `model`, in row order: per split, [rows, 2] fp32 sums of each
+    row's two sequences ("sequences"), or every response token's log-prob, flat, with `<split>.offsets`
+    ("tokens")."""
     from torch.utils.data import DataLoader
 
     device = next(model.parameters()).device
@@ -74,12 +82,36 @@ def compute_log_probs(task: PairedPreference, model: torch.nn.Module, prepared: 
     results = {}
     for split, rows in prepared.splits.items():
         dataset = rows.with_format("torch", columns=list(task.row_columns()))
-        sums = []
+        parts, counts = [], []
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
             batch = {name: value.to(device) for name, value in batch.items()}
-            sums.append(task.sequence_log_probs(model, batch)[0].float().cpu())
-        results[split] = torch.cat(sums)
+            values = task.reference_pass(model, batch).float()
+            if task.reference_kind == "tokens":
+                mask = task.response_mask(batch)
+                values, row_counts = values[mask], mask.sum(-1)
+                counts.append(row_counts.cpu())
+            parts.append(values.cpu())
+        results[split] = torch.cat(parts)
+        if task.reference_kind == "tokens":
+            results[f"{split}{OFFSETS}"] = torch.cat([torch.zeros(1, dtype=torch.long),
+                                                      torch.cat(counts).long().cumsum(0)])
     return results
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], key: dict[str, Any], folder: Path) -> None:
+    """The stored tensors must be of the key's kind and hold every row of the data."""
+    for split, count in key["rows"].items():
+        found = tensors.get(split)
+        if key["kind"] == "sequences":
+            rows = None if found is None or found.shape[1:] != (2,) else found.shape[0]
+        else:
+            offsets = tensors.get(f"{split}{OFFSETS}")
+            whole = (found is not None and offsets is not None and found.dim() == 1 and offsets.dim() == 1
+                     and int(offsets[-1]) == len(found))
+            rows = len(offsets) - 1 if whole else None
+        if rows != count:
+            raise RafaleError(f"{folder}: this reference cache holds {rows} {split} rows of {key['kind']} log-probs, "
+                              f"the data {count}: computed for other data; delete the folder")
 
 
 def cached_log_probs(task: PairedPreference, prepared: PreparedData, model: torch.nn.Module, precision: str,
@@ -87,7 +119,7 @@ def cached_log_probs(task: PairedPreference, prepared: PreparedData, model: torc
     """The reference log-probs from the cache, or computed once and cached (atomically)."""
     from safetensors.torch import load_file, save_file
 
-    key = reference_key(prepared, model, precision)
+    key = reference_key(prepared, model, precision, task.reference_kind)
     folder = reference_folder(prepared, key)
     if (folder / KEY).is_file():
         stored = json.loads((folder / KEY).read_text())
@@ -96,11 +128,7 @@ def cached_log_probs(task: PairedPreference, prepared: PreparedData, model: torc
             raise RafaleError(f"{folder}: this reference cache was computed for other data or weights ("
                               f"{', '.join(differing) or 'its key'} differ); delete the folder to compute it again")
         tensors = load_file(str(folder / TENSORS))
-        for split, count in key["rows"].items():
-            found = tensors.get(split)
-            if found is None or found.shape != (count, 2):
-                raise RafaleError(f"{folder}: this reference cache holds {None if found is None else found.shape[0]} "
-                                  f"{split} rows, the data {count}: computed for other data; delete the folder")
+        check_tensors(tensors, key, folder)
         say(f"reference: log-probs reused from {folder}")
         return tensors
     started = _now()
@@ -119,8 +147,9 @@ def cached_log_probs(task: PairedPreference, prepared: PreparedData, model: torc
         os.rename(partial, folder)
     except OSError:  # another process finished the same folder first: its values are the same
         shutil.rmtree(partial, ignore_errors=True)
-    rows = sum(len(values) for values in log_probs.values())
-    say(f"reference: log-probs of {rows:,} pairs computed in {seconds:.1f} s, cached in {folder}")
+    rows = sum(key["rows"].values())
+    say(f"reference: {task.reference_kind} log-probs of {rows:,} rows computed in {seconds:.1f} s, cached in "
+        f"{folder}")
     return log_probs
 
 
@@ -131,6 +160,7 @@ def _now() -> float:
 
 
 def with_reference_column(prepared: PreparedData, log_probs: dict[str, torch.Tensor]) -> None:
+    """The reference log-probs as a column of the rows: each row's two sums, or its response tokens' log-probs."""
     import datasets
 
     from rafale.tasks.preference import REFERENCE_LOGPS
@@ -139,7 +169,13 @@ def with_reference_column(prepared: PreparedData, log_probs: dict[str, torch.Ten
     for split, rows in prepared.splits.items():
         if REFERENCE_LOGPS in rows.column_names:
             rows = rows.remove_columns(REFERENCE_LOGPS)
-        prepared.splits[split] = rows.add_column(REFERENCE_LOGPS, log_probs[split].tolist(), feature=feature)
+        offsets = log_probs.get(f"{split}{OFFSETS}")
+        if offsets is None:
+            column = log_probs[split].tolist()
+        else:
+            flat_values, bounds = log_probs[split].tolist(), offsets.tolist()
+            column = [flat_values[start:end] for start, end in zip(bounds, bounds[1:])]
+        prepared.splits[split] = rows.add_column(REFERENCE_LOGPS, column, feature=feature)
 
 
 @contextmanager
@@ -159,10 +195,12 @@ def adapters_off(model: torch.nn.Module) -> Iterator[None]:
 
 
 def only_adapters_train(model: torch.nn.Module) -> bool:
+    """Whether the adapters are all that changes the log-probs (a value head, which trains too, gives none)."""
+    from rafale.models.weights import VALUE
     from rafale.transforms import adapters
 
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-    return bool(adapters(model)) and all(".lora_" in name for name in trainable)
+    return bool(adapters(model)) and all(".lora_" in name or name == VALUE for name in trainable)
 
 
 def attach_reference(task: PairedPreference, config: RunFile, prepared: PreparedData,
@@ -206,7 +244,7 @@ def live_reference(task: PairedPreference, model: torch.nn.Module,
 
         def base_log_probs(policy: torch.nn.Module, batch: dict) -> torch.Tensor:
             with torch.no_grad(), adapters_off(policy):
-                return task.sequence_log_probs(policy, batch)[0]
+                return task.reference_pass(policy, batch)
 
         return base_log_probs
     say("reference: live, a frozen copy of the starting model")
@@ -216,7 +254,7 @@ def live_reference(task: PairedPreference, model: torch.nn.Module,
         if next(model.parameters()).device != device:
             model.to(device)
         with torch.no_grad():
-            return task.sequence_log_probs(model, batch)[0]
+            return task.reference_pass(model, batch)
 
     return copy_log_probs
 
