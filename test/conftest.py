@@ -14,7 +14,7 @@ if _workers > 1:
 # The files that take longest, started first: with one file per worker at a time (`--dist loadfile`), a long file
 # started last keeps one core busy while the other idles. Measured with --durations on the 2-core machine.
 LONGEST_FILES = ("test_reliability.py", "test_preference.py", "test_sft.py", "test_debug_families.py",
-                 "test_transforms.py", "test_distributed.py")
+                 "test_transforms.py", "test_distributed.py", "test_ppo.py")
 
 
 def pytest_collection_modifyitems(config, items):
