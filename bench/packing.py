@@ -75,12 +75,12 @@ def batches(mode: str, count: int) -> list[dict]:
 
 def rafale_step():
     from rafale.models import build_model
-    from rafale.tasks import TASKS
+    from rafale.tasks import new_task
     from rafale.tasks.model import TaskModel
 
     torch.manual_seed(0)
     model = build_model("pythia14m")
-    wrapped = TaskModel(TASKS["sft"], model)
+    wrapped = TaskModel(new_task("sft"), model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(batch: dict) -> None:

@@ -146,10 +146,10 @@ def composer_loop(model, masked: bool, loader, config, device_name: str, precisi
 
 def task_for(model, masked: bool):
     """rafale's task wrapper for the model: a masked LM's or a causal LM's."""
-    from rafale.tasks import TASKS
+    from rafale.tasks import new_task
     from rafale.tasks.model import TaskModel
 
-    return TaskModel(TASKS["mlm" if masked else "causal_lm"], model)
+    return TaskModel(new_task("mlm" if masked else "causal_lm"), model)
 
 
 def measure_shape(name, preset, overrides, length, batch, steps, rounds, gpu: bool, compiled: bool = False):

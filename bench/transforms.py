@@ -49,12 +49,12 @@ def contender(name: str, length: int, batch: int, vocab: int):
     """(model with the contender's transforms, its optimizer, a step function)."""
     from rafale import transforms
     from rafale.models import build_model
-    from rafale.tasks import TASKS
+    from rafale.tasks import new_task
     from rafale.tasks.model import TaskModel
 
     torch.manual_seed(0)
     model = transforms.apply(build_model("pythia14m", {"vocab_size": vocab}), CONTENDERS[name], say=lambda _: None)
-    wrapped = TaskModel(TASKS["causal_lm"], model)
+    wrapped = TaskModel(new_task("causal_lm"), model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)

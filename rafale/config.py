@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, Optional, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rafale.errors import RafaleError
 
@@ -330,6 +330,7 @@ class RunFile(Section, Generic[Settings]):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     # Where the run file lives; relative paths in it were resolved against this folder.
     source: Optional[Path] = Field(default=None, exclude=True)
+    _task: Any = PrivateAttr(default=None)
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> "RunFile":
@@ -352,10 +353,13 @@ class RunFile(Section, Generic[Settings]):
 
     @property
     def task(self):
-        """The task (rafale/tasks/) that data.pipeline names: what turns this run's data into a loss."""
-        from rafale.tasks import TASKS
+        """The task (rafale/tasks/) that data.pipeline names: what turns this run's data into a loss. This run's
+        own, made on first use."""
+        from rafale.tasks import new_task
 
-        return TASKS[self.data.pipeline]
+        if self._task is None or self._task.name != self.data.pipeline:
+            self._task = new_task(self.data.pipeline)
+        return self._task
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> "RunFile":

@@ -54,6 +54,14 @@ def test_valid_file_loads_with_defaults_and_resolved_paths(tmp_path):
     assert config.model.overrides() == {}
 
 
+def test_each_run_file_has_a_task_of_its_own(tmp_path):
+    """A task keeps its run's state (settings, the starting model's figures): two runs in one process share none."""
+    first, second = (load_run_file(write(tmp_path, VALID)) for _ in range(2))
+    assert first.task is first.task and first.task is not second.task
+    first.task.settings = first.data.config
+    assert not hasattr(second.task, "settings")
+
+
 def test_paths_resolve_relative_to_the_run_file_not_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     config = load_run_file(write(tmp_path, VALID))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from rafale.models import build_model
 from rafale.models import loss as fused
-from rafale.tasks import TASKS
+from rafale.tasks import new_task
 from rafale.tasks.causal_lm import next_token_labels
 from rafale.tasks.model import TaskModel
 
@@ -99,7 +99,7 @@ def test_composer_lm_training_loss_is_the_shifted_cross_entropy(tied):
         "attention_mask": torch.ones(2, 12, dtype=torch.long),
     }
     batch["labels"] = batch["input_ids"].masked_fill(torch.arange(12) >= 10, -100)
-    task = TaskModel(TASKS["causal_lm"], model)
+    task = TaskModel(new_task("causal_lm"), model)
 
     logits = task.eval_forward(batch)
     assert logits.shape == (2, 12, 128)
@@ -122,7 +122,7 @@ def test_composer_mlm_runs_the_head_on_masked_positions_only_with_the_same_loss(
     labels = torch.full_like(input_ids, -100)
     labels[0, 3], labels[1, 7], labels[1, 8] = 11, 42, 199
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    task = TaskModel(TASKS["mlm"], model)
+    task = TaskModel(new_task("mlm"), model)
 
     logits = task.eval_forward(batch)
     assert logits.shape == (2, 10, 200)

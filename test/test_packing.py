@@ -13,7 +13,7 @@ import yaml
 from rafale.data.packing import best_fit_decreasing, packed_rows
 from rafale.models import build_model
 from rafale.models.masks import document_mask, document_positions
-from rafale.tasks import TASKS
+from rafale.tasks import new_task
 from rafale.tasks.model import TaskModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ FAMILIES = [("pythia-tiny", {}), ("llama-tiny", {}), ("pythia-tiny", {"positions
 def test_a_packed_batch_has_the_loss_and_gradients_of_its_documents_one_by_one(preset, overrides):
     torch.manual_seed(0)
     model = build_model(preset, overrides)
-    task = TaskModel(TASKS["sft"], model)
+    task = TaskModel(new_task("sft"), model)
     generator = torch.Generator().manual_seed(1)
     documents = [torch.randint(0, 128, (n,), generator=generator).tolist() for n in (7, 3, 9, 5, 4, 12)]
     # Prompts carry no label: the first two tokens of every document.

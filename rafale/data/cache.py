@@ -222,7 +222,7 @@ def _count(split: Dataset, column: str) -> dict[str, Optional[int]]:
 def format_summary(prepared: PreparedData) -> str:
     """A few lines for DATA=1: per split documents, tokens and blocks (and what else the task counts); where the
     data is; built or reused."""
-    from rafale.tasks import TASKS
+    from rafale.tasks import new_task
 
     lines = [f"data: {prepared.path} ({'reused' if prepared.reused else 'built'})"]
     for split, counts in prepared.summary.items():
@@ -233,5 +233,5 @@ def format_summary(prepared: PreparedData) -> str:
                      f"{counts['blocks']:>10,} blocks{more}")
     lines.append(f"  tokenizer  {prepared.tokenizer_file} (vocabulary {prepared.tokenizer.get_vocab_size():,}, "
                  f"eos {prepared.eos_token_id}, pad {prepared.pad_token_id})")
-    lines.extend(TASKS[prepared.task].summary_lines(prepared))
+    lines.extend(new_task(prepared.task).summary_lines(prepared))
     return "\n".join(lines)

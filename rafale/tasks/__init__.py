@@ -1,7 +1,9 @@
 """The tasks: what is learned, one file each. This mapping is the only place a task is chosen by its name.
 
 Adding a task: write `rafale/tasks/<name>.py` with a `Task` subclass (base.py says what it can override) and
-add it here; a run file selects it with `data.pipeline: "<name>"`.
+add it here; a run file selects it with `data.pipeline: "<name>"`. A run gets its own task object (`new_task`,
+once per run file): a task keeps its run's state (its settings, the starting model's figures), which no two runs in
+one process may share.
 """
 
 from rafale.tasks.base import Task
@@ -14,17 +16,24 @@ from rafale.tasks.preference import PairedPreference
 from rafale.tasks.reward import RewardModel
 from rafale.tasks.sft import SupervisedFineTuning
 
-TASKS: dict[str, Task] = {
-    "causal_lm": CausalLM("causal_lm"),
-    "mlm": MaskedLM("mlm"),
-    "classification": Classification("classification"),
-    "sft": SupervisedFineTuning("sft"),
-    "preference": PairedPreference("preference"),
-    "kto": KTO("kto"),
-    "ppo": OfflinePPO("ppo"),
-    "reward": RewardModel("reward"),
+TASKS: dict[str, type[Task]] = {
+    "causal_lm": CausalLM,
+    "mlm": MaskedLM,
+    "classification": Classification,
+    "sft": SupervisedFineTuning,
+    "preference": PairedPreference,
+    "kto": KTO,
+    "ppo": OfflinePPO,
+    "reward": RewardModel,
 }
 # The original's pipeline names, kept so its run files still work.
 ALIASES = {"tinystories_neox": "causal_lm", "imdb_bert": "classification"}
 
-__all__ = ["ALIASES", "TASKS", "Task"]
+
+
+def new_task(name: str) -> Task:
+    """A fresh task of the kind `name` (a key of TASKS)."""
+    return TASKS[name](name)
+
+
+__all__ = ["ALIASES", "TASKS", "Task", "new_task"]
