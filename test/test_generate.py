@@ -190,6 +190,17 @@ def test_product_equals_linear(shape, parts, bias):
         torch.testing.assert_close(product(x), linear(x).detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_a_16_bit_product_keeps_the_linear_layout():
+    """16-bit weights stay [out, in] whatever the shape: CPU kernels read their transposed copy ten times slower."""
+    from rafale.models.generate import Product
+
+    weight = torch.randn(12, 5).bfloat16()
+    product = Product(weight, None, 2)
+    assert not product.wide
+    x = torch.randn(3, 5).bfloat16()
+    torch.testing.assert_close(product(x), torch.nn.functional.linear(x, weight))
+
+
 def test_decoding_dtype(tmp_path):
     tokenizer = tiny_tokenizer()
     torch.manual_seed(5)

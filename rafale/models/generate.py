@@ -58,15 +58,16 @@ class Product:
     (bench/generation.py, 2-core EPYC, weights out of cache, one row): one matrix-vector product keeps one core
     busy and reads 12-23 GB/s, while the memory feeds two cores at once nearly twice that. So the weight is cut
     into `parts` slices of its outputs, one per thread, multiplied by one batched product (`bmm` runs its batch
-    on the threads): 26-31 GB/s. Each slice is stored so that its contiguous rows are the longer side: [in, out]
-    for a wide product (512 -> 2048: 29 GB/s against 24 for [out, in]), [out, in] for a tall one (2048 -> 512:
-    29 against 18).
+    on the threads): 26-31 GB/s. In float32 each slice is stored so that its contiguous rows are the longer side:
+    [in, out] for a wide product (512 -> 2048: 29 GB/s against 24 for [out, in]), [out, in] for a tall one
+    (2048 -> 512: 29 against 18). 16-bit weights stay [out, in], the layout whose kernels are fast for them (the
+    transposed copy ran at 1 GB/s).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int = 1):
         """weight [out, in] and bias [out] (or None), as nn.Linear holds them; parts: slices of the outputs."""
         out, width = weight.shape
-        self.out, self.wide = out, out > width
+        self.out, self.wide = out, out > width and weight.dtype == torch.float32
         padding = -out % parts  # zero rows, so that the slices are equal; their outputs are cut off
         if padding:
             weight = torch.cat([weight, weight.new_zeros(padding, width)])
