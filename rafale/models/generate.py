@@ -73,14 +73,14 @@ class Product:
             weight = torch.cat([weight, weight.new_zeros(padding, width)])
             bias = None if bias is None else torch.cat([bias, bias.new_zeros(padding)])
         slices = weight.reshape(parts, -1, width)
-        self.weight = slices.transpose(1, 2).contiguous() if self.wide else slices.contiguous()
+        # [parts, in, out / parts] for bmm: a contiguous copy when wide, a view of [out, in] slices when tall.
+        self.weight = slices.transpose(1, 2).contiguous() if self.wide else slices.contiguous().transpose(1, 2)
         self.bias = None if bias is None else bias.reshape(parts, 1, -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] -> [B, out]."""
         rows = x.expand(self.weight.shape[0], *x.shape)
-        weight = self.weight if self.wide else self.weight.transpose(1, 2)
-        y = torch.bmm(rows, weight) if self.bias is None else torch.baddbmm(self.bias, rows, weight)
+        y = torch.bmm(rows, self.weight) if self.bias is None else torch.baddbmm(self.bias, rows, self.weight)
         y = y.transpose(0, 1).reshape(x.shape[0], -1)
         return y if y.shape[1] == self.out else y[:, : self.out]
 
