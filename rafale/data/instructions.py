@@ -22,6 +22,14 @@ The copy and list kinds are learnable from the prompt alone; counting, reversing
 hard for a tiny model, so a score on held-out prompts is clearly above zero without being solved. Everything is
 drawn from one `random.Random(seed)`: the same seed gives the same records on every machine. No two records share
 an (instruction, input) pair; a kind whose every pair is used drops out of the draw.
+
+The preference pairs (`generate_preferences`) are the same records with the right answer chosen and a near miss
+rejected: a wrong answer built from the right one by one of its kind's rules (`near_misses`), the mistakes a tiny
+SFT model makes on held-out prompts: another child, color or place of the same story; a list with two neighbours
+swapped or one word changed; a sum, count or number off by one or two, or a number of the question; the other end
+of a list; the asked word for its opposite; a plural by the wrong rule; another option, or a word of the category
+that the options do not hold; a sentence with another verb or place. Pushing such answers down corrects the model
+where it errs; another record's answer is far from anything it would say.
 """
 
 from __future__ import annotations
