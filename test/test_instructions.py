@@ -1,4 +1,5 @@
-"""The bundled instruction-tuning set: deterministic by seed, unique prompts, and answers that are right.
+"""The bundled instruction-tuning set: deterministic by seed, unique prompts, and answers that are right; the bundled
+preference pairs: the same records, each with a wrong answer that is a near miss of the right one.
 
 The answer checks parse each record's own text and work the answer out again, so they test the records, not the
 generator's tables.
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from rafale.data.instructions import DISTINCT_RECORDS, KINDS, generate_instructions
+from rafale.data.instructions import DISTINCT_RECORDS, KINDS, generate_instructions, generate_preferences
 
 # A little English the checks need, written here so that they do not lean on the generator's lexicons.
 SOME_OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "day": "night", "wet": "dry", "fast": "slow",
@@ -283,3 +284,90 @@ def test_twenty_thousand_records_are_quick():
     start = time.perf_counter()
     assert len(generate_instructions(20000, seed=0)) == 20000
     assert time.perf_counter() - start < 1
+
+
+def _one_position_apart(first: list[str], second: list[str]) -> bool:
+    return len(first) == len(second) and sum(a != b for a, b in zip(first, second)) == 1
+
+
+def near_story(pair):
+    """Another child, color or place: a name for a name, one color word for a color, a place for a place."""
+    chosen, rejected = pair["chosen"], pair["rejected"]
+    if pair["kind"] == "story_place":
+        assert re.fullmatch(r"(in|on|by|near) the [a-z]+", rejected)
+    elif chosen[0].isupper():
+        assert re.fullmatch(r"[A-Z][a-z]+", rejected)
+    else:
+        assert re.fullmatch(r"[a-z]+", rejected) and not re.search(rf"\b{rejected} (had|lived)\b", pair["input"])
+
+
+def near_list(pair):
+    """Reversed or sorted: the same words in another order, one word changed, or the list as given."""
+    chosen, rejected = pair["chosen"].split(), pair["rejected"].split()
+    given = (pair["input"] or pair["instruction"].split(": ", 1)[1]).split()
+    assert (sorted(rejected) == sorted(chosen) or _one_position_apart(rejected, chosen) or rejected == given)
+    if pair["kind"] == "sort":
+        assert all(digit.isdigit() for digit in rejected)
+
+
+def near_number(pair):
+    """Off by one or two, or (addition, compare) a number of the question."""
+    asked = re.findall(r"\d+", pair["instruction"] + " " + pair["input"])
+    assert pair["rejected"].isdigit()
+    assert abs(int(pair["rejected"]) - int(pair["chosen"])) <= 2 or (pair["kind"] != "count"
+                                                                      and pair["rejected"] in asked)
+
+
+def near_word(pair):
+    """One word; for a category question, one of the options or a word of the asked category."""
+    assert re.fullmatch(r"[a-z-]+", pair["rejected"])
+    if pair["kind"] == "first_last":
+        assert pair["rejected"] in pair["input"].split()
+
+
+def near_sentence(pair):
+    """The same animal doing another thing, or the same thing in another place."""
+    chosen, rejected = pair["chosen"].split(), pair["rejected"].split()
+    assert rejected[:3] == chosen[:3] and rejected[-1].endswith(".")
+    assert (rejected[3] != chosen[3]) != (rejected[4:] != chosen[4:])
+
+
+NEAR_MISS_CHECKS = {"story_things": near_story, "story_place": near_story, "reverse": near_list, "sort": near_list,
+                    "first_last": near_word, "count": near_number, "addition": near_number,
+                    "compare": near_number, "opposite": near_word, "animal_sound": near_word, "plural": near_word,
+                    "category": near_word, "sentence": near_sentence}
+
+
+@pytest.fixture(scope="module")
+def preferences():
+    return generate_preferences(3000, seed=11)
+
+
+def test_preferences_are_the_instructions_with_a_wrong_answer_beside_the_right_one(records, preferences):
+    assert len(preferences) == len(records)
+    for record, pair in zip(records, preferences):
+        assert (pair["instruction"], pair["input"], pair["chosen"], pair["kind"]) == (
+            record["instruction"], record["input"], record["output"], record["kind"])
+        assert pair["rejected"] != pair["chosen"]
+    assert generate_preferences(300, seed=11) == preferences[:300]
+    assert generate_preferences(300, seed=12) != preferences[:300]
+
+
+def test_every_kind_has_a_near_miss_check():
+    assert set(NEAR_MISS_CHECKS) == set(KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(NEAR_MISS_CHECKS))
+def test_rejected_answers_are_near_misses_of_the_right_kind(kind, preferences):
+    of_kind = [pair for pair in preferences if pair["kind"] == kind]
+    assert len(of_kind) >= 20
+    for pair in of_kind:
+        NEAR_MISS_CHECKS[kind](pair)
+
+
+def test_the_wrong_one_of_the_options_is_among_the_near_misses(preferences):
+    """Where the prompt offers answers, some rejected ones are taken from it: the model's usual mistake."""
+    for kind in ("story_things", "story_place", "compare", "category"):
+        from_prompt = [pair["rejected"] in pair["instruction"] + " " + pair["input"] for pair in preferences
+                       if pair["kind"] == kind]
+        assert 0.2 < sum(from_prompt) / len(from_prompt) < 1

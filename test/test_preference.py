@@ -82,6 +82,24 @@ def test_conservative_dpo_and_orpo_equal_their_formulas_written_out():
     assert tiny.item() == pytest.approx(math.log(1e-12), rel=1e-6) and huge.item() == pytest.approx(-math.exp(-50))
 
 
+def test_rpo_adds_the_chosen_responses_nll_per_token_and_only_to_dpo(tmp_path):
+    # The torchtune vectors (DPO losses 0.693147, 0.313262, 0.126928); chosen log-probs -0.5, -10, -1 over 1, 5 and 2
+    # tokens are NLLs per token of 0.5, 2 and 0.5, which alpha 0.2 adds as 0.1, 0.4 and 0.1.
+    policy = torch.tensor([[-0.5, -0.1], [-10.0, -30.0], [-1.0, -21.0]])
+    reference = torch.tensor([[-0.5, -0.1], [-10.1, -20.1], [-0.1, -0.1]])
+    counts = torch.tensor([[1, 1], [5, 3], [2, 4]])
+    rpo = _defaults(PreferenceSettings, {"loss": "dpo", "rpo_alpha": 0.2})
+    losses, chosen, rejected = paired_losses(rpo, policy, reference, counts)
+    assert torch.allclose(losses, torch.tensor([0.793147, 0.713262, 0.226928]), atol=1e-6)
+    assert torch.allclose(chosen, 0.1 * (policy - reference)[:, 0])
+
+    with pytest.raises(RafaleError, match=r"data.config.rpo_alpha: adds the chosen response's NLL to the dpo loss "
+                                          r"only \(loss is 'ipo'\)"):
+        load_run_file(config_for(tmp_path, "rpo-ipo", {"loss": "ipo", "rpo_alpha": 0.5}))
+    with pytest.raises(RafaleError, match="rpo_alpha"):
+        load_run_file(config_for(tmp_path, "rpo-negative", {"rpo_alpha": -1}))
+
+
 def test_sequence_log_probs_in_one_forward_equal_a_plain_recomputation():
     from rafale.tasks import new_task
 

@@ -22,11 +22,20 @@ The copy and list kinds are learnable from the prompt alone; counting, reversing
 hard for a tiny model, so a score on held-out prompts is clearly above zero without being solved. Everything is
 drawn from one `random.Random(seed)`: the same seed gives the same records on every machine. No two records share
 an (instruction, input) pair; a kind whose every pair is used drops out of the draw.
+
+The preference pairs (`generate_preferences`) are the same records with the right answer chosen and a near miss
+rejected: a wrong answer built from the right one by one of its kind's rules (`near_misses`), the mistakes a tiny
+SFT model makes on held-out prompts: another child, color or place of the same story; a list with two neighbours
+swapped or one word changed; a sum, count or number off by one or two, or a number of the question; the other end
+of a list; the asked word for its opposite; a plural by the wrong rule; another option, or a word of the category
+that the options do not hold; a sentence with another verb or place. Pushing such answers down corrects the model
+where it errs; another record's answer is far from anything it would say.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from math import perm
 from typing import Callable
@@ -296,21 +305,89 @@ def generate_instructions(n: int, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
+def _changed(words: list[str], index: int, word: str) -> str:
+    return " ".join(words[:index] + [word] + words[index + 1:])
+
+
+def _swapped(words: list[str], index: int) -> str:
+    """The list with the words at index and index + 1 swapped."""
+    return " ".join(words[:index] + [words[index + 1], words[index]] + words[index + 2:])
+
+
+def _near_number(number: int, reach: int, limit: int) -> list[str]:
+    """The numbers at most `reach` away, between 0 and limit."""
+    return [str(other) for other in range(max(number - reach, 0), min(number + reach, limit) + 1) if other != number]
+
+
+def _story_misses(record: dict[str, str]) -> list[list[str]]:
+    """Another child, color or place of the same story (the wrong one of the options); one the story does not name."""
+    answer, story = record["output"], record["input"]
+    if record["kind"] == "story_place":
+        named, lexicon = re.findall(r"\w+ lived (.+?)\.", story), HOMES
+    elif answer in COLORS:
+        named, lexicon = re.findall(r"\w+ had an? (\w+) ", story), COLORS
+    else:
+        named, lexicon = re.findall(r"(\w+) had ", story), NAMES
+    return [named, [other for other in lexicon if other not in named]]
+
+
+def near_misses(record: dict[str, str]) -> list[list[str]]:
+    """Wrong answers to an instruction record of the kind a model that half-learned its rule gives, built by rule
+    from the right answer and the prompt: a list per rule (a sum off by one or two, two neighbours swapped, the other
+    number, another child of the story...). None is the right answer; no list is empty."""
+    kind, answer = record["kind"], record["output"]
+    numbers = [int(number) for number in re.findall(r"\d+", record["instruction"] + " " + record["input"])]
+    words = answer.split()
+    if kind in ("story_things", "story_place"):
+        rules = _story_misses(record)
+    elif kind == "reverse":
+        others = [word for word in LIST_WORDS if word not in words]
+        rules = [[_swapped(words, i) for i in range(len(words) - 1)],
+                 [_changed(words, i, words[i - 1]) for i in range(1, len(words))],
+                 [_changed(words, i, other) for i in range(len(words)) for other in others],
+                 [" ".join(reversed(words))]]
+    elif kind == "sort":
+        rules = [[_swapped(words, i) for i in range(len(words) - 1)],
+                 [_changed(words, i, near) for i, digit in enumerate(words) for near in _near_number(int(digit), 1, 9)],
+                 [_changed(words, i, words[i - 1]) for i in range(1, len(words))]]
+    elif kind == "first_last":
+        rules = [record["input"].split()]
+    elif kind == "count":
+        rules = [_near_number(int(answer), 2, max(COUNT_LENGTHS) + 2)]
+    elif kind == "addition":
+        rules = [_near_number(int(answer), 2, 20), [str(number) for number in numbers]]
+    elif kind == "compare":
+        rules = [[str(number) for number in numbers], _near_number(int(answer), 2, 99)]
+    elif kind == "opposite":
+        rules = [[OPPOSITES[answer]], [word for word in OPPOSITES if word != OPPOSITES[answer]]]
+    elif kind == "animal_sound":
+        rules = [list(SOUNDS.values() if answer in SOUNDS.values() else SOUNDS)]
+    elif kind == "plural":
+        noun = next(noun for noun in PLURAL_NOUNS if _plural_of(noun) == answer)
+        rules = [[noun, noun + "s", noun + "es"], [_plural_of(other) for other in PLURAL_NOUNS]]
+    elif kind == "category":
+        options = (record["input"] or record["instruction"].split(": ", 1)[1].rstrip("?")).split(", ")
+        rules = [options, next(members for _, members in CATEGORIES if answer in members)]
+    elif kind == "sentence":
+        adjective, animal = words[1:3]
+        home = answer[len(f"The {adjective} {animal} {ACTIONS[animal]} "):-1]
+        rules = [[f"The {adjective} {animal} {action} {home}." for action in ACTIONS.values()],
+                 [f"The {adjective} {animal} {ACTIONS[animal]} {other}." for other in HOMES]]
+    else:
+        raise ValueError(f"no near-miss rule for the kind {kind!r}")
+    wrong = ([miss for miss in dict.fromkeys(rule) if miss != answer] for rule in rules)
+    return [rule for rule in wrong if rule]
+
+
 def generate_preferences(n: int, seed: int = 0) -> list[dict[str, str]]:
     """n preference records {"instruction", "input", "chosen", "rejected", "kind"}: the instruction records of
     `generate_instructions(n, seed)`, each with its right answer as `chosen` and, as `rejected`, a plausible wrong
-    one: the answer of another record of the same kind (another color, number, word or sentence). A record whose
-    kind has no other answer is left out, so there may be fewer than n. Deterministic, as the instructions are."""
-    records = generate_instructions(n, seed)
-    answers: dict[str, list[str]] = {}
-    for record in records:
-        answers.setdefault(record["kind"], []).append(record["output"])
+    one: a near miss (`near_misses`), of a rule drawn first and then one of its answers, from random.Random(seed + 1).
+    Deterministic, as the instructions are."""
     rng = random.Random(seed + 1)
     preferences = []
-    for record in records:
-        wrong = sorted({answer for answer in answers[record["kind"]] if answer != record["output"]})
-        if not wrong:
-            continue
+    for record in generate_instructions(n, seed):
+        rule = rng.choice(near_misses(record))
         preferences.append({"instruction": record["instruction"], "input": record["input"],
-                            "chosen": record["output"], "rejected": rng.choice(wrong), "kind": record["kind"]})
+                            "chosen": record["output"], "rejected": rng.choice(rule), "kind": record["kind"]})
     return preferences

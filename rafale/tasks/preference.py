@@ -13,6 +13,7 @@ its response tokens (and EOS) in fp32, through the fused head (models/loss.py), 
 only. Losses, with r_c = logp(chosen) - logp_ref(chosen), r_r likewise, h = r_c - r_r and avg = logp / tokens:
 
 - dpo:   (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h)   (eps = label_smoothing; 0: plain DPO)
+         + alpha * -avg_c   (alpha = rpo_alpha, 0 by default: RPO, the chosen response's NLL per token)
 - ipo:   (h_avg - 1 / (2 beta))^2, h_avg from the log-ratios divided by each response's token count
 - simpo: -log sigmoid(beta (avg_c - avg_r) - gamma)                      (no reference)
 - orpo:  -avg_c - lambda * log sigmoid(log odds(avg_c) - log odds(avg_r))   (no reference; lambda = orpo_lambda)
@@ -90,6 +91,9 @@ class PreferenceSettings(PreferenceBase):
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
     # dpo: the share of pairs assumed mislabelled (conservative DPO; HALOs uses 0.2).
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    # dpo: the weight of the chosen response's NLL per token added to the loss (RPO, Pang et al. 2024; TRL's
+    # rpo_alpha): it keeps DPO from lowering the right answer's likelihood along with the wrong one's.
+    rpo_alpha: Annotated[float, Field(ge=0)] = 0.0
     # simpo: the target margin.
     simpo_gamma: Annotated[float, Field(ge=0)] = 1.0
     # orpo: the weight of the odds-ratio term beside the chosen response's NLL.
@@ -127,6 +131,9 @@ class PairedPreference(SupervisedFineTuning):
 
         check_source(settings, synthetic_corpora=(SYNTHETIC_PREFERENCES[len(SYNTHETIC_PREFIX):],))
         check_settings(self.format_settings(settings, where), where)
+        if isinstance(settings, PreferenceSettings) and settings.rpo_alpha > 0 and settings.loss != "dpo":
+            raise RafaleError(f"{where}.rpo_alpha: adds the chosen response's NLL to the dpo loss only (loss is "
+                              f"{settings.loss!r}); leave it at 0")
 
     def model_overrides(self, config: RunFile, prepared: PreparedData) -> dict[str, Any]:
         # Dropout off: at step 0 the policy must be its reference exactly (every DPO loss ln 2, every reward 0).
@@ -436,7 +443,7 @@ def paired_losses(settings: PreferenceSettings, policy: torch.Tensor, reference:
         return (normalised[:, 0] - normalised[:, 1] - 1 / (2 * beta)) ** 2, rewards[:, 0], rewards[:, 1]
     margin = beta * (ratios[:, 0] - ratios[:, 1])
     eps = settings.label_smoothing
-    losses = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+    losses = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin) - settings.rpo_alpha * average[:, 0]
     return losses, rewards[:, 0], rewards[:, 1]
 
 
