@@ -18,7 +18,7 @@ from test_sft import rafale, write_jsonl
 
 from rafale.config import load_run_file
 from rafale.data.formats import FormatError, FormatSettings
-from rafale.data.preference import binary_example, paired_segments, split_transcripts
+from rafale.data.preference import binary_example, paired_segments, prompt_and_response, split_transcripts
 from rafale.errors import RafaleError
 from rafale.models import build_model
 from rafale.tasks.kto import KTOSettings, kto_losses
@@ -332,7 +332,18 @@ def test_a_preference_run_trains_and_reports_before_and_after(tmp_path, pipeline
     assert "[batch 4/4] loss" in result.stdout
     assert expected in result.stdout, result.stdout[-2000:]
     assert "held-out exact match of greedy answers:" in result.stdout
-    assert os.path.isdir(tmp_path / "runs" / f"run-{pipeline}" / "model")
+    # The export asks as training did: its chat template renders a user turn as the run's prompts.
+    from rafale.data.instructions import generate_preferences
+    from rafale.models.generate import chat_prompts
+
+    config = load_run_file(path)
+    source = config.data.config.dataset_path
+    record = generate_preferences(1)[0] if source == "synthetic:preferences" else \
+        json.loads(Path(source).read_text().splitlines()[0])
+    segments = prompt_and_response(record, "", "record", config.task.format_settings(config.data.config))
+    prompt = "".join(text for text, trainable in segments if not trainable)
+    asked = record.get("prompt") or "\n".join(filter(None, [record["instruction"], record.get("input")]))
+    assert chat_prompts(tmp_path / "runs" / f"run-{pipeline}" / "model", [asked]) == [prompt]
 
 
 def test_a_killed_dpo_run_resumes_bit_for_bit(tmp_path):

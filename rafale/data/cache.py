@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from rafale.tasks.base import Task
 
 # Bump when the pipeline's output changes for the same settings, so that old folders are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: preference data carries the chat template its export writes
 META = "meta.json"
 TOKENIZER = "tokenizer.json"
 

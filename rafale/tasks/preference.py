@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal
 
@@ -227,7 +228,24 @@ class PairedPreference(SupervisedFineTuning):
             counts["blocks"] = len(columns["input_ids"])
             splits[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
             summary[split] = counts
-        return splits, summary, {"format": first_kind}
+        chat_template = self.chat_template(json.loads(documents["train"][0][RECORD]), format_settings)
+        return splits, summary, {"format": first_kind, "chat_template": chat_template}
+
+    def chat_template(self, record: dict, format_settings) -> str:
+        """The chat template the export carries: it renders a user turn as this run wrote its prompts (a string
+        prompt or a transcript as input_output, an instruction as alpaca, messages with the run's chat template),
+        so that `rafale generate --chat` and transformers' apply_chat_template ask the tuned model as it trained."""
+        from rafale.data import formats
+        from rafale.tasks.sft import prompt_as_chat_template
+
+        prompt = record.get("prompt")
+        if isinstance(prompt, list):
+            return formats.CHAT_TEMPLATES.get(format_settings.chat_template, format_settings.chat_template)
+        if prompt is None and "instruction" in record:
+            return prompt_as_chat_template(format_settings, "alpaca")
+        if prompt is None:  # an HH transcript: its prompt is the text itself, turns and all
+            format_settings = replace(format_settings, input_format="__input__", output_format="__output__")
+        return prompt_as_chat_template(format_settings, "input_output")
 
     def row_columns(self) -> tuple[str, ...]:
         return ("input_ids", LABELS, f"{self.second}_ids", f"{self.second}_labels")
