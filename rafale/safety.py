@@ -5,6 +5,10 @@ Composer does the saving, the resuming and the loop; these callbacks change only
 - `AtomicCheckpointSaver` writes each checkpoint under a temporary name, syncs it to disk and renames it, then
   re-points `latest-rank0.pt` by renaming a new symlink over it. A process killed (or a disk filled) at any moment
   leaves `latest` pointing at a whole checkpoint, which is the only one autoresume reads.
+- `check_resumed_settings`, before any data is prepared: a run that resumes must be the run its checkpoints come
+  from. The first start writes the run file's settings beside the checkpoints; a resume with other settings (another
+  learning rate, other data, another loss) is refused, since its steps would continue another run's optimizer and
+  schedule on what this run file describes. How long it runs and how it is watched, saved or placed may change.
 - `SafeResume` looks at that checkpoint before Composer loads it: it must unpickle with `weights_only=True` (a
   pickle can run code), and its model must have this run's tensor names and shapes (a changed preset under the
   same `run.name`). Composer 0.32.1 calls `torch.load(weights_only=False)`; torch's documented override,
@@ -35,6 +39,16 @@ from rafale.config import RunFile
 from rafale.errors import Interrupted, NonFiniteLoss, RafaleError
 from rafale.optim import averaged_weights
 
+# The run file's settings, as the run that wrote the checkpoints beside them had them.
+RUN_SETTINGS = "run-settings.json"
+# Settings a resumed run may change: how long it goes on, how it is watched, saved and placed. Every other one
+# shapes what a step computes.
+CHANGEABLE_ON_RESUME = ("run.name", "run.n_epochs", "run.max_duration", "run.eval_interval", "run.save_interval",
+                        "run.save_num_checkpoints_to_keep", "run.device_bs", "run.device", "run.precision",
+                        "run.compile", "run.parallelism", "run.checkpoint_dir", "run.debug_steps", "run.sample_prompts",
+                        "run.sample_max_new_tokens", "data.config.num_processes", "data.config.build_shard_documents",
+                        "data.config.eval_batch_size", "data.config.eval_examples", "data.config.sample_count",
+                        "logging.")
 # torch's switch that turns every torch.load into a weights_only load, whatever its caller asked for.
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 PARTIAL = ".partial-"
@@ -149,6 +163,48 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.saved_checkpoints.append(str(final))
         if self.num_checkpoints_to_keep >= 0:
             self._rotate_checkpoints()
+
+
+def check_resumed_settings(config: RunFile, folder: Path) -> None:
+    """Refuse to resume the checkpoints in `folder` with settings other than those of the run that wrote them (one
+    line naming what changed); on a first start, write this run's settings there for the next start to compare."""
+    import json
+
+    settings = _flat(config.model_dump(mode="json"))
+    settings = {key: value for key, value in settings.items() if not key.startswith(CHANGEABLE_ON_RESUME)}
+    saved_file = folder / RUN_SETTINGS
+    if not (folder / "checkpoints" / "latest-rank0.pt").is_symlink():
+        if dist.get_global_rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = _partial(saved_file)
+            partial.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            partial.replace(saved_file)
+        return
+    if not saved_file.is_file():
+        return  # checkpoints written before rafale kept the settings: nothing to compare with
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RafaleError(f"{saved_file}: unreadable ({error}); delete it to resume without comparing settings, or "
+                          f"delete {folder} to start over") from None
+    changed = [f"{key}: {saved.get(key, 'unset')} -> {settings.get(key, 'unset')}"
+               for key in sorted(saved.keys() | settings.keys()) if saved.get(key) != settings.get(key)]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise RafaleError(f"{config.source}: run.name {config.run.name!r} has checkpoints of a run with other settings "
+                          f"({'; '.join(changed[:3])}{more}); rerun with those settings to resume it, use a new "
+                          f"run.name, or delete {folder} to start over")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"run": {"max_lr": 1}} -> {"run.max_lr": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class SafeResume(Callback):

@@ -32,7 +32,7 @@ from rafale.models.bert import EncoderConfig
 from rafale.models.decoder import DecoderConfig
 from rafale.models.weights import config_from_folder
 from rafale.optim import build_optimizer, build_scheduler, optimizer_callbacks
-from rafale.safety import checkpoint_callbacks
+from rafale.safety import check_resumed_settings, checkpoint_callbacks
 from rafale.tasks.model import TaskModel
 from rafale.transforms import neftune
 
@@ -303,6 +303,8 @@ def train_run(config: RunFile) -> Path:
     """The whole run: data, model, Trainer with autoresume, export, report. Returns the run's folder."""
     check_model(config)
     _device_and_precision(config)
+    folder = run_folder(config)
+    check_resumed_settings(config, folder)
     reproducibility.seed_all(config.run.seed)
     prepared = prepared_data(config)
     _say(format_summary(prepared))
@@ -311,7 +313,6 @@ def train_run(config: RunFile) -> Path:
     if len(train_loader) == 0:
         raise RafaleError(f"{config.source}: data.config.train_batch_size: larger than the train split")
 
-    folder = run_folder(config)
     starting = not (folder / "checkpoints" / "latest-rank0.pt").exists()
     untransformed: dict[str, float] = {}
 

@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+from rafale.safety import RUN_SETTINGS
+
 ROOT = Path(__file__).resolve().parents[1]
 # Progress bars and library warnings also go to stderr; without them an error is the only line there. One thread
 # per process: a tiny model gains nothing from more, and processes started together share the cores.
@@ -346,15 +348,23 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_latest(tmp_path, ca
 
 
 def test_runs_refused_before_training(tmp_path, cache, reference):
-    """Checkpoints of another model, a pickle, a dangling `latest`, weights of another shape, an unknown preset,
-    a full disk: each is one line, and nothing that was saved is lost."""
+    """Checkpoints of another model, of a run with other settings, a pickle, a dangling `latest`, weights of another
+    shape, an unknown preset, a full disk: each is one line, and nothing that was saved is lost."""
 
-    def copy_run(name: str) -> Path:
+    def copy_run(name: str, settings: bool = False) -> Path:
+        """The reference run's checkpoints under another run.name; with `settings`, the settings they were written
+        with too (without, they are as checkpoints from before rafale kept them: only their tensors are checked)."""
         shutil.copytree(reference / "checkpoints", checkpoints(cache, name), symlinks=True)
+        if settings:
+            shutil.copy(reference / RUN_SETTINGS, checkpoints(cache, name).parent)
         return checkpoints(cache, name)
 
     copy_run("reshaped")
     run_reshaped = write_run(tmp_path, "reshaped", model={"hidden_size": 128})
+
+    edited = copy_run("edited", settings=True)
+    edited_files = {path.name: path.read_bytes() for path in edited.iterdir()}
+    run_edited = write_run(tmp_path, "edited", run={"max_lr": 1e-3}, data={"synthetic_documents": 40})
 
     pickled = copy_run("pickled")
     marker = tmp_path / "ran"
@@ -374,7 +384,8 @@ def test_runs_refused_before_training(tmp_path, cache, reference):
     run_preset = write_run(tmp_path, "preset", model={"config": "pythia-huge"})
 
     # A disk that is full: no file may grow past 100 kB, so the next checkpoint cannot be written.
-    full = copy_run("full")
+    # With the settings of the run it continues: a longer duration is one of the changes a resume may make.
+    full = copy_run("full", settings=True)
     resumed_from = latest(cache, "full")
     run_full = write_run(tmp_path, "full", run={"max_duration": "3ep"})
 
@@ -383,6 +394,7 @@ def test_runs_refused_before_training(tmp_path, cache, reference):
 
     processes = {
         "reshaped": start(cache, "-c", str(run_reshaped)),
+        "edited": start(cache, "-c", str(run_edited)),
         "pickled": start(cache, "-c", str(run_pickled)),
         "dangling": start(cache, "-c", str(run_dangling)),
         "pretrained": start(cache, "-c", str(run_pretrained)),
@@ -395,6 +407,11 @@ def test_runs_refused_before_training(tmp_path, cache, reference):
                         r"'reshaped' already has checkpoints of another model \(model\.\S+: \[\d+, 64\] in the "
                         r"checkpoint, \[\d+, 128\] in this run file\); use a new run\.name, or delete .*reshaped to "
                         r"start over", lines["reshaped"]), lines["reshaped"]
+    assert lines["edited"] == (f"error: {run_edited}: run.name 'edited' has checkpoints of a run with other settings "
+                               f"(data.config.synthetic_documents: 30 -> 40; run.max_lr: 0.003 -> 0.001); rerun with "
+                               f"those settings to resume it, use a new run.name, or delete {edited.parent} to start "
+                               f"over")
+    assert {path.name: path.read_bytes() for path in edited.iterdir()} == edited_files
     assert re.fullmatch(r"error: .*pickled/checkpoints/ep1-ba28-rank0\.pt: refused: the checkpoint holds objects "
                         r"other than tensors and plain data \(loading it could run code\).*", lines["pickled"])
     assert not marker.exists()
