@@ -42,13 +42,17 @@ SFT = '    prompt_template: "plain"\n'
     ("pythia-tiny", "preference", "preferences", 96, SFT),
     ("llama-tiny", "kto", "preferences", 96, SFT),
 ])
-def test_debug_passes(tmp_path, preset, pipeline, corpus, length, extra):
+def test_debug_passes(tmp_path, monkeypatch, capsys, preset, pipeline, corpus, length, extra):
+    """In this process (the shipped run files below go through the command line): DEBUG=1's own verdict."""
+    from rafale.config import load_run_file
+    from rafale.train import debug_run
+
+    monkeypatch.setenv("RAFALE_CACHE_DIR", str(tmp_path / "cache"))
     run_file = tmp_path / "debug.yaml"
     run_file.write_text(DEBUG_RUN.format(preset=preset, pipeline=pipeline, corpus=corpus, length=length, extra=extra))
-    done = subprocess.run([sys.executable, "rafale/main", "-c", str(run_file)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, "RAFALE_CACHE_DIR": str(tmp_path / "cache"), "DEBUG": "1"})
-    assert done.returncode == 0 and "DEBUG PASS" in done.stdout, done.stdout + done.stderr
+    passed = debug_run(load_run_file(run_file))
+    output = capsys.readouterr().out
+    assert passed and "DEBUG PASS" in output, output
 
 
 def test_a_decoder_that_sees_the_future_fails_although_its_loss_falls(tmp_path, monkeypatch, capsys):
