@@ -187,8 +187,9 @@ def check_resumed_settings(config: RunFile, folder: Path) -> None:
     except (OSError, ValueError) as error:
         raise RafaleError(f"{saved_file}: unreadable ({error}); delete it to resume without comparing settings, or "
                           f"delete {folder} to start over") from None
-    changed = [f"{key}: {saved.get(key, 'unset')} -> {settings.get(key, 'unset')}"
-               for key in sorted(saved.keys() | settings.keys()) if saved.get(key) != settings.get(key)]
+    # Settings that only one side knows (rafale gained or lost one since) are not compared.
+    changed = [f"{key}: {saved[key]} -> {settings[key]}" for key in sorted(saved.keys() & settings.keys())
+               if saved[key] != settings[key]]
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise RafaleError(f"{config.source}: run.name {config.run.name!r} has checkpoints of a run with other settings "
