@@ -147,22 +147,25 @@ def test_generate_from_a_run_folder(tmp_path):
     ids=["pythia-partial-rotary", "llama-gqa", "llama-gqa-bf16", "learned-positions", "sequential-residual"],
 )
 @pytest.mark.parametrize("parts", [1, 3])  # 3 slices do not divide the products' outputs: padded and cut off
-def test_one_token_step_computes_the_models_forward(preset, overrides, dtype, parts):
-    """Step by step over a left-padded batch, the decoding path (norms folded into the products, products joined
-    and sliced) gives the hidden states of Decoder.hidden_states."""
+@pytest.mark.parametrize("rows", [3, 1], ids=["left-padded-batch", "one-row"])
+def test_one_token_step_computes_the_models_forward(preset, overrides, dtype, parts, rows):
+    """Step by step over a left-padded batch, or one row (whose products' slices are read as they lie), the
+    decoding path (norms folded into the products, products joined and sliced, rotary in place) gives the hidden
+    states of Decoder.hidden_states."""
     from rafale.models.generate import OneTokenStep
 
     torch.manual_seed(2)
     model = build_model(preset, {"init_std": 0.2, **overrides}).eval().to(dtype)
-    input_ids = prompts(length=6)
+    input_ids = prompts(length=6)[:rows]
     padding = torch.cat([(torch.arange(6)[None] >= torch.tensor([[0], [2], [5]])).long(), torch.ones(3, 4).long()], 1)
+    padding = padding[:rows]
     positions = (padding.cumsum(-1) - 1).clamp(min=0)
-    caches = [model.new_kv_cache(3, 10) for _ in range(2)]
+    caches = [model.new_kv_cache(rows, 10) for _ in range(2)]
     with torch.inference_mode():
         for cache in caches:
             model.hidden_states(input_ids, padding[:, :6], positions[:, :6], cache)
         step = OneTokenStep(model, caches[0], padding, parts)
-        tokens = torch.tensor([5, 17, 99])
+        tokens = torch.tensor([5, 17, 99])[:rows]
         for i in range(6, 10):
             ours = step(tokens, positions[:, i : i + 1])
             theirs = model.hidden_states(tokens[:, None], padding[:, : i + 1], positions[:, i : i + 1], caches[1])
@@ -172,6 +175,27 @@ def test_one_token_step_computes_the_models_forward(preset, overrides, dtype, pa
             torch.testing.assert_close(ours, theirs[:, 0], **tolerance)
             tokens = (tokens * 7 + i) % 128
     assert caches[0][0].length == caches[1][0].length == 10
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_decoding_leaves_onednn_as_it_found_it(models, onednn):
+    """The float32 step on a CPU runs without oneDNN (its GELU set-up costs more than the kernel) and restores the
+    user's setting after every step, a failed one too."""
+    from rafale.models.generate import OneTokenStep
+
+    _, model = models
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        generate(model, prompts(n=1), max_new_tokens=4)
+        assert torch.backends.mkldnn.enabled == onednn
+        with torch.inference_mode():
+            step = OneTokenStep(model, model.new_kv_cache(1, 4), None, parts=2)
+            with pytest.raises(IndexError):
+                step(torch.tensor([model.config.vocab_size]), torch.zeros(1, 1, dtype=torch.long))
+        assert torch.backends.mkldnn.enabled == onednn
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 @pytest.mark.parametrize("bias", [True, False])

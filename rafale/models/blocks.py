@@ -81,13 +81,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys and values of one layer, preallocated for the whole generation and written in place.
 
-    `length` is how many positions are filled; the decoder reads it to know where new tokens go.
+    `length` is how many positions are filled; the decoder reads it to know where new tokens go. Keys and values
+    are the two halves of one tensor, `both` [2, B, H, max_len, D], so that a decoding step writes a position's
+    keys and values with one copy.
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.both = torch.zeros(2, batch_size, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.keys, self.values = self.both.unbind(0)
         self.length = 0
 
     def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,13 +76,16 @@ class Product:
         # [parts, in, out / parts] for bmm: a contiguous copy when wide, a view of [out, in] slices when tall.
         self.weight = slices.transpose(1, 2).contiguous() if self.wide else slices.contiguous().transpose(1, 2)
         self.bias = None if bias is None else bias.reshape(parts, 1, -1)
+        self.padded = padding > 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] -> [B, out]."""
-        rows = x.expand(self.weight.shape[0], *x.shape)
+        B = x.shape[0]
+        rows = x.expand(self.weight.shape[0], B, -1)
         y = torch.bmm(rows, self.weight) if self.bias is None else torch.baddbmm(self.bias, rows, self.weight)
-        y = y.transpose(0, 1).reshape(x.shape[0], -1)
-        return y if y.shape[1] == self.out else y[:, : self.out]
+        # y is [parts, B, out / parts]: for one row the slices already lie end to end.
+        y = y.view(1, -1) if B == 1 else y.transpose(0, 1).reshape(B, -1)
+        return y[:, : self.out] if self.padded else y
 
 
 def folded_product(reads: list[tuple[nn.Module, list[nn.Linear]]], parts: int) -> Product:
@@ -124,8 +127,11 @@ class OneTokenStep:
     products' weights are copies made once per generation: while decoding, the blocks' weights are held twice.
 
     The rows are [B, hidden]; the rotary angles of every position and the padding mask are made once per
-    generation and looked up per step; rotary is a gather and one multiply-add (blocks.apply_rotary's arithmetic);
-    grouped-query attention reads each key/value head in place instead of a repeated copy of the cache.
+    generation and looked up per step; rotary is a gather and a multiply-add in place on the product's output
+    (blocks.apply_rotary's arithmetic); a position's keys and values go into the cache in one copy. Attention is
+    one product per key/value head and its group of query heads, reading the cache in place: PyTorch's CPU SDPA
+    copies the cache once per query head where heads are grouped, and where they are not its kernel costs more
+    than the three ops here.
     """
 
     def __init__(self, model: Decoder, cache: list[KVCache], padding: torch.Tensor | None, parts: int):
@@ -139,17 +145,14 @@ class OneTokenStep:
         self.norm, self.swiglu = c.norm, c.mlp == "swiglu"
         self.blocks = [(block.parallel, self.products(block, parts)) for block in model.blocks]
         device = model.lm_head.weight.device
+        self.onednn = model.lm_head.weight.dtype != torch.float32
         self.norm_eps = torch.tensor(c.norm_eps, device=device)
         B, max_len = cache[0].keys.shape[0], cache[0].keys.shape[2]
-        self.grouped = c.kv_heads != c.n_heads
-        if self.grouped:
-            # Added to the scores [B * kv_heads, queries per key/value head, positions]: -inf at padding.
-            attend = padding.bool() if padding is not None else torch.ones(B, max_len, dtype=torch.bool, device=device)
-            mask = torch.zeros(B, max_len, device=device).masked_fill(~attend, float("-inf"))
-            self.mask = mask.repeat_interleave(c.kv_heads, 0)[:, None, :].to(model.lm_head.weight.dtype)
-        else:
-            # SDPA's boolean mask, True = attend: [B, 1, 1, max_len], sliced to the filled length each step.
-            self.mask = None if padding is None else padding.bool()[:, None, None, :]
+        # Added to the scores [B * kv_heads, queries per key/value head, positions]: -inf at padding; sliced to
+        # the filled length each step.
+        attend = padding.bool() if padding is not None else torch.ones(B, max_len, dtype=torch.bool, device=device)
+        mask = torch.zeros(B, max_len, device=device).masked_fill(~attend, float("-inf"))
+        self.mask = mask.repeat_interleave(c.kv_heads, 0)[:, None, :].to(model.lm_head.weight.dtype)
         if model.rotary is not None:
             # The angles of every position the generation can reach (positions count real tokens, so they stay
             # below the cache's length), looked up per step. rotate_half is a gather with signs: dims [a | b | rest]
@@ -186,27 +189,30 @@ class OneTokenStep:
         norm = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)
         return (x32 * torch.addcmul(self.norm_eps, norm, norm, value=1 / x.shape[-1]).rsqrt_()).to(x.dtype)
 
+    def rotate(self, queries_and_keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotary on queries_and_keys [B, heads + kv_heads, head_dim], in place; 16-bit rows turn in fp32."""
+        turned = queries_and_keys.index_select(-1, self.rotate_index)
+        if queries_and_keys.dtype == torch.float32:
+            queries_and_keys.mul_(cos).addcmul_(turned, sin)
+        else:
+            queries_and_keys.copy_(torch.addcmul(queries_and_keys.float() * cos, turned.float(), sin))
+
     def attention(self, qkv: torch.Tensor, rotation, mask, cache: KVCache) -> torch.Tensor:
-        """qkv [B, (heads + 2 kv_heads) * head_dim] -> the attention's output [B, heads * head_dim]."""
-        B = qkv.shape[0]
-        queries_and_keys, values = qkv.view(B, -1, self.head_dim).split([self.heads + self.kv_heads, self.kv_heads],
-                                                                         dim=1)
+        """qkv [B, (heads + 2 kv_heads) * head_dim], rotated in place -> the attention output [B, heads * head_dim]."""
+        B, D = qkv.shape[0], self.head_dim
+        heads = qkv.view(B, -1, D)
         if rotation is not None:
-            cos, sin = rotation
-            turned = queries_and_keys.float()
-            turned = torch.addcmul(turned * cos, turned.index_select(-1, self.rotate_index), sin)
-            queries_and_keys = turned.to(qkv.dtype)
-        queries, keys = queries_and_keys.split([self.heads, self.kv_heads], dim=1)
-        keys, values = cache.update(keys.unsqueeze(2), values.unsqueeze(2))
-        if not self.grouped:
-            return F.scaled_dot_product_attention(queries.unsqueeze(2), keys, values, attn_mask=mask).view(B, -1)
-        # SDPA's grouped-query path on a CPU copies the cache once per query head (repeat_interleave); one product
-        # per key/value head and its group of queries reads the cache in place, 2-4x faster.
-        groups, length = B * self.kv_heads, keys.shape[2]
-        scores = torch.baddbmm(mask, queries.reshape(groups, -1, self.head_dim),
-                               keys.reshape(groups, length, self.head_dim).transpose(1, 2), alpha=self.head_dim**-0.5)
+            self.rotate(heads.narrow(1, 0, self.heads + self.kv_heads), *rotation)
+        # This position's keys and values [B, 2, kv_heads, D] go to the cache's [2, B, kv_heads, position, D].
+        new = heads.narrow(1, self.heads, 2 * self.kv_heads).view(B, 2, self.kv_heads, D)
+        cache.both.select(3, cache.length).copy_(new.transpose(0, 1))
+        cache.length = length = cache.length + 1
+        groups = B * self.kv_heads
+        keys, values = cache.both.narrow(3, 0, length).view(2, groups, length, D).unbind(0)
+        queries = heads.narrow(1, 0, self.heads).reshape(groups, -1, D)
+        scores = torch.baddbmm(mask, queries, keys.transpose(1, 2), alpha=D**-0.5)
         weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
-        return torch.bmm(weights, values.reshape(groups, length, self.head_dim)).view(B, -1)
+        return torch.bmm(weights, values).view(B, -1)
 
     def activation(self, mlp_in: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -216,6 +222,16 @@ class OneTokenStep:
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """token [B], position [B, 1] -> the final norm's output [B, hidden] for that token."""
+        # oneDNN (on by default) sets up each float32 GELU in ~15 us on a CPU, three times ATen's own kernel on a
+        # decoding row; 16-bit products need it, so it stays on for them.
+        onednn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = self.onednn
+        try:
+            return self.step(token, position)
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         model = self.model
         x = F.embedding(token, model.embed.weight)
         if model.config.positions == "learned":
@@ -223,7 +239,7 @@ class OneTokenStep:
         rotation = None
         if model.rotary is not None:
             rotation = F.embedding(position, self.cos), F.embedding(position, self.sin)
-        mask = self.mask.narrow(-1, 0, self.cache[0].length + 1) if self.mask is not None else None
+        mask = self.mask.narrow(-1, 0, self.cache[0].length + 1)
         for (parallel, products), cache in zip(self.blocks, self.cache):
             if parallel:
                 qkv, mlp_in = products["in"](self.normalise(x)).split([self.qkv_size, self.mlp_in_size], dim=-1)
