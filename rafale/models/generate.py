@@ -88,10 +88,12 @@ class Product:
         return y[:, : self.out] if self.padded else y
 
 
-def folded_product(reads: list[tuple[nn.Module, list[nn.Linear]]], parts: int) -> Product:
+def folded_product(reads: list[tuple[nn.Module, list[nn.Linear]]], parts: int, queries: int = 0,
+                   query_scale: float = 1.0) -> Product:
     """Linears that read norm(x) for a (norm, linears) pair each, stacked into one product of the normalised x
     (without any affine): each norm's scale is folded into its linears' weights (W * scale) and its shift into
-    their biases (b + W @ shift), in fp32."""
+    their biases (b + W @ shift), in fp32; the first `queries` outputs are multiplied by query_scale (attention's
+    1 / sqrt(head_dim), which the scores then need not apply)."""
     weights, biases = [], []
     for norm, linears in reads:
         for linear in linears:
@@ -102,10 +104,12 @@ def folded_product(reads: list[tuple[nn.Module, list[nn.Linear]]], parts: int) -
             weights.append(weight * norm.weight.float())
             biases.append(bias)
     dtype = reads[0][1][0].weight.dtype
-    bias = None
+    weight, bias = torch.cat(weights), None
+    weight[:queries] *= query_scale
     if any(b is not None for b in biases):
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
-    return Product(torch.cat(weights).to(dtype), None if bias is None else bias.to(dtype), parts)
+        bias[:queries] *= query_scale
+    return Product(weight.to(dtype), None if bias is None else bias.to(dtype), parts)
 
 
 def joined_product(linears: list[nn.Linear], parts: int) -> Product:
@@ -129,9 +133,9 @@ class OneTokenStep:
     The rows are [B, hidden]; the rotary angles of every position and the padding mask are made once per
     generation and looked up per step; rotary is a gather and a multiply-add in place on the product's output
     (blocks.apply_rotary's arithmetic); a position's keys and values go into the cache in one copy. Attention is
-    one product per key/value head and its group of query heads, reading the cache in place: PyTorch's CPU SDPA
-    copies the cache once per query head where heads are grouped, and where they are not its kernel costs more
-    than the three ops here.
+    one product per key/value head and its group of query heads, reading the cache in place, with 1/sqrt(head_dim)
+    folded into the query weights: PyTorch's CPU SDPA copies the cache once per query head where heads are
+    grouped, and where they are not its kernel costs more than the three ops here.
     """
 
     def __init__(self, model: Decoder, cache: list[KVCache], padding: torch.Tensor | None, parts: int):
@@ -148,11 +152,12 @@ class OneTokenStep:
         self.onednn = model.lm_head.weight.dtype != torch.float32
         self.norm_eps = torch.tensor(c.norm_eps, device=device)
         B, max_len = cache[0].keys.shape[0], cache[0].keys.shape[2]
-        # Added to the scores [B * kv_heads, queries per key/value head, positions]: -inf at padding; sliced to
-        # the filled length each step.
-        attend = padding.bool() if padding is not None else torch.ones(B, max_len, dtype=torch.bool, device=device)
-        mask = torch.zeros(B, max_len, device=device).masked_fill(~attend, float("-inf"))
-        self.mask = mask.repeat_interleave(c.kv_heads, 0)[:, None, :].to(model.lm_head.weight.dtype)
+        self.mask = None
+        if padding is not None:
+            # Added to the scores [B * kv_heads, queries per key/value head, positions]: -inf at padding; sliced to
+            # the filled length each step.
+            mask = torch.zeros(B, max_len, device=device).masked_fill(~padding.bool(), float("-inf"))
+            self.mask = mask.repeat_interleave(c.kv_heads, 0)[:, None, :].to(model.lm_head.weight.dtype)
         if model.rotary is not None:
             # The angles of every position the generation can reach (positions count real tokens, so they stay
             # below the cache's length), looked up per step. rotate_half is a gather with signs: dims [a | b | rest]
@@ -170,10 +175,11 @@ class OneTokenStep:
     def products(block: Block, parts: int) -> dict[str, Product]:
         attn, mlp = block.attn, block.mlp
         mlp_in = [mlp.gate, mlp.up] if mlp.kind == "swiglu" else [mlp.up]
+        scaled = dict(queries=attn.n_heads * attn.head_dim, query_scale=attn.head_dim**-0.5)
         if block.parallel:
-            return {"in": folded_product([(block.norm1, [attn.qkv]), (block.norm2, mlp_in)], parts),
+            return {"in": folded_product([(block.norm1, [attn.qkv]), (block.norm2, mlp_in)], parts, **scaled),
                     "out": joined_product([attn.proj, mlp.down], parts)}
-        return {"in": folded_product([(block.norm1, [attn.qkv])], parts),
+        return {"in": folded_product([(block.norm1, [attn.qkv])], parts, **scaled),
                 "proj": Product(attn.proj.weight, attn.proj.bias, parts),
                 "mlp_in": folded_product([(block.norm2, mlp_in)], parts),
                 "down": Product(mlp.down.weight, mlp.down.bias, parts)}
@@ -210,7 +216,8 @@ class OneTokenStep:
         groups = B * self.kv_heads
         keys, values = cache.both.narrow(3, 0, length).view(2, groups, length, D).unbind(0)
         queries = heads.narrow(1, 0, self.heads).reshape(groups, -1, D)
-        scores = torch.baddbmm(mask, queries, keys.transpose(1, 2), alpha=D**-0.5)
+        keys = keys.transpose(1, 2)  # [groups, D, length]; the queries are already scaled by 1/sqrt(D)
+        scores = torch.bmm(queries, keys) if mask is None else torch.baddbmm(mask, queries, keys)
         weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
         return torch.bmm(weights, values).view(B, -1)
 
@@ -239,7 +246,7 @@ class OneTokenStep:
         rotation = None
         if model.rotary is not None:
             rotation = F.embedding(position, self.cos), F.embedding(position, self.sin)
-        mask = self.mask.narrow(-1, 0, self.cache[0].length + 1)
+        mask = self.mask.narrow(-1, 0, self.cache[0].length + 1) if self.mask is not None else None
         for (parallel, products), cache in zip(self.blocks, self.cache):
             if parallel:
                 qkv, mlp_in = products["in"](self.normalise(x)).split([self.qkv_size, self.mlp_in_size], dim=-1)
