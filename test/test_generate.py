@@ -141,10 +141,12 @@ def test_generate_from_a_run_folder(tmp_path):
         ("pythia-tiny", {}, torch.float32),
         ("llama-tiny", {"n_kv_heads": 2}, torch.float32),
         ("llama-tiny", {"n_kv_heads": 2}, torch.bfloat16),
+        ("pythia-tiny", {}, torch.bfloat16),
         ("pythia-tiny", {"positions": "learned"}, torch.float32),
         ("pythia-tiny", {"parallel_residual": False}, torch.float32),
     ],
-    ids=["pythia-partial-rotary", "llama-gqa", "llama-gqa-bf16", "learned-positions", "sequential-residual"],
+    ids=["pythia-partial-rotary", "llama-gqa", "llama-gqa-bf16", "pythia-bf16-fused-attention", "learned-positions",
+         "sequential-residual"],
 )
 @pytest.mark.parametrize("parts", [1, 3])  # 3 slices do not divide the products' outputs: padded and cut off
 @pytest.mark.parametrize("rows", [3, 1], ids=["left-padded-batch", "one-row"])

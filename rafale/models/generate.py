@@ -132,10 +132,11 @@ class OneTokenStep:
 
     The rows are [B, hidden]; the rotary angles of every position and the padding mask are made once per
     generation and looked up per step; rotary is a gather and a multiply-add in place on the product's output
-    (blocks.apply_rotary's arithmetic); a position's keys and values go into the cache in one copy. Attention is
-    one product per key/value head and its group of query heads, reading the cache in place, with 1/sqrt(head_dim)
-    folded into the query weights: PyTorch's CPU SDPA copies the cache once per query head where heads are
-    grouped, and where they are not its kernel costs more than the three ops here.
+    (blocks.apply_rotary's arithmetic); a position's keys and values go into the cache in one copy; 1/sqrt(head_dim)
+    is folded into the query weights. Attention is one product per key/value head and its group of query heads,
+    reading the cache in place: PyTorch's CPU SDPA copies the cache once per query head where heads are grouped,
+    and where they are not its kernel costs more than these three ops in float32 on a CPU; it stays the kernel for
+    heads that are not grouped in 16-bit or on a GPU.
     """
 
     def __init__(self, model: Decoder, cache: list[KVCache], padding: torch.Tensor | None, parts: int):
@@ -150,6 +151,9 @@ class OneTokenStep:
         self.blocks = [(block.parallel, self.products(block, parts)) for block in model.blocks]
         device = model.lm_head.weight.device
         self.onednn = model.lm_head.weight.dtype != torch.float32
+        # One fused attention kernel where it is the faster: heads that are not grouped, in 16-bit or off the CPU
+        # (on a CPU in float32 the three ops of `attention` cost less for one query).
+        self.fused = c.kv_heads == c.n_heads and (self.onednn or device.type != "cpu")
         self.norm_eps = torch.tensor(c.norm_eps, device=device)
         B, max_len = cache[0].keys.shape[0], cache[0].keys.shape[2]
         self.mask = None
@@ -213,6 +217,11 @@ class OneTokenStep:
         new = heads.narrow(1, self.heads, 2 * self.kv_heads).view(B, 2, self.kv_heads, D)
         cache.both.select(3, cache.length).copy_(new.transpose(0, 1))
         cache.length = length = cache.length + 1
+        if self.fused:
+            keys, values = cache.both.narrow(3, 0, length).unbind(0)
+            mask = None if mask is None else mask.view(B, self.heads, 1, length)
+            return F.scaled_dot_product_attention(heads.narrow(1, 0, self.heads).unsqueeze(2), keys, values,
+                                                  attn_mask=mask, scale=1.0).view(B, -1)
         groups = B * self.kv_heads
         keys, values = cache.both.narrow(3, 0, length).view(2, groups, length, D).unbind(0)
         queries = heads.narrow(1, 0, self.heads).reshape(groups, -1, D)
