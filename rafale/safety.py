@@ -21,6 +21,7 @@ Composer does the saving, the resuming and the loop; these callbacks change only
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import shlex
@@ -168,8 +169,6 @@ class AtomicCheckpointSaver(CheckpointSaver):
 def check_resumed_settings(config: RunFile, folder: Path) -> None:
     """Refuse to resume the checkpoints in `folder` with settings other than those of the run that wrote them (one
     line naming what changed); on a first start, write this run's settings there for the next start to compare."""
-    import json
-
     settings = _flat(config.model_dump(mode="json"))
     settings = {key: value for key, value in settings.items() if not key.startswith(CHANGEABLE_ON_RESUME)}
     saved_file = folder / RUN_SETTINGS

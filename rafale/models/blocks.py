@@ -103,6 +103,13 @@ class KVCache:
         self.length = end
         return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
+    def append(self, keys_and_values: torch.Tensor) -> torch.Tensor:
+        """Write one position's keys and values [2, B, H, D] with one copy; return everything cached so far,
+        [2, B, H, length, D]."""
+        self.both.select(3, self.length).copy_(keys_and_values)
+        self.length += 1
+        return self.both.narrow(3, 0, self.length)
+
 
 class Attention(nn.Module):
     """Causal self-attention with one fused QKV projection and grouped-query heads.

@@ -150,10 +150,11 @@ class OneTokenStep:
         self.norm, self.swiglu = c.norm, c.mlp == "swiglu"
         self.blocks = [(block.parallel, self.products(block, parts)) for block in model.blocks]
         device = model.lm_head.weight.device
-        self.onednn = model.lm_head.weight.dtype != torch.float32
+        sixteen_bit = model.lm_head.weight.dtype != torch.float32
+        self.onednn = sixteen_bit  # see __call__
         # One fused attention kernel where it is the faster: heads that are not grouped, in 16-bit or off the CPU
         # (on a CPU in float32 the three ops of `attention` cost less for one query).
-        self.fused = c.kv_heads == c.n_heads and (self.onednn or device.type != "cpu")
+        self.fused = c.kv_heads == c.n_heads and (sixteen_bit or device.type != "cpu")
         self.norm_eps = torch.tensor(c.norm_eps, device=device)
         B, max_len = cache[0].keys.shape[0], cache[0].keys.shape[2]
         self.mask = None
@@ -213,17 +214,17 @@ class OneTokenStep:
         heads = qkv.view(B, -1, D)
         if rotation is not None:
             self.rotate(heads.narrow(1, 0, self.heads + self.kv_heads), *rotation)
-        # This position's keys and values [B, 2, kv_heads, D] go to the cache's [2, B, kv_heads, position, D].
+        # This position's keys and values, [B, 2, kv_heads, D] in the product's output, into the cache.
         new = heads.narrow(1, self.heads, 2 * self.kv_heads).view(B, 2, self.kv_heads, D)
-        cache.both.select(3, cache.length).copy_(new.transpose(0, 1))
-        cache.length = length = cache.length + 1
+        cached = cache.append(new.transpose(0, 1))
+        length = cache.length
         if self.fused:
-            keys, values = cache.both.narrow(3, 0, length).unbind(0)
+            keys, values = cached.unbind(0)
             mask = None if mask is None else mask.view(B, self.heads, 1, length)
             return F.scaled_dot_product_attention(heads.narrow(1, 0, self.heads).unsqueeze(2), keys, values,
                                                   attn_mask=mask, scale=1.0).view(B, -1)
         groups = B * self.kv_heads
-        keys, values = cache.both.narrow(3, 0, length).view(2, groups, length, D).unbind(0)
+        keys, values = cached.view(2, groups, length, D).unbind(0)
         queries = heads.narrow(1, 0, self.heads).reshape(groups, -1, D)
         keys = keys.transpose(1, 2)  # [groups, D, length]; the queries are already scaled by 1/sqrt(D)
         scores = torch.bmm(queries, keys) if mask is None else torch.baddbmm(mask, queries, keys)
